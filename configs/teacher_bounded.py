@@ -1,0 +1,69 @@
+r"""Teacher-bounded KD for expressions + valence/arousal (Lee et al., Appl. Sci. 2023).
+
+Phases: ``teacher`` (EmoNet on AffectNet; on the embedded default an
+EmoNet-style ResNet-18 with a V/A head, since EmoNet needs 256 px RGB and 17
+GMACs per image), then two students, MobileNetV2 and EfficientFormer (L3 on
+real data, L1 on the embedded default), each trained with
+  alpha*CE + (1-alpha)*T^2*KL (Hinton, classes)
+  + MSE(V/A) + nu * teacher-bounded L_b(student, teacher, target) (Chen et al. 2017).
+alpha, T, nu and the margin m are not public (methods.md §1b): alpha = 0.1,
+T = 4, nu = 0.5, m = 0 follow Chen et al.'s reimplementations.
+
+Embedded default, 2 CPU cores:
+  python -m fer_jax.main --config=configs/teacher_bounded.py --workdir=/tmp/fer_tb
+AffectNet with the official EmoNet weights (convert them first, see README):
+  python -m fer_jax.main --config=configs/teacher_bounded.py:data=affectnet \
+      --config.data.manual_dir=/path/to/AffectNet --workdir=/tmp/fer_tb_affectnet \
+      --config.teacher.checkpoint=/path/to/emonet_8_converted
+Smoke test: --config=configs/teacher_bounded.py:smoke
+"""
+import ml_collections
+
+from fer_jax import config_utils as cu
+from fer_jax.data.augment import default_augment_config
+
+
+def _student_terms():
+  return {"ce": dict(weight=0.1),
+          "kd": dict(kind="hinton_kd", weight=0.9, temperature=4.0),
+          "va": dict(kind="va_mse", weight=1.0),
+          "bound": dict(kind="teacher_bounded", weight=0.5, margin=0.0)}
+
+
+def get_config(arg=None):
+  arg = cu.parse_arg(arg, smoke=False, data="synthetic", seed=0)
+  real = arg.data != "synthetic"
+  config = ml_collections.ConfigDict()
+  config.name = "teacher_bounded"
+  config.seed = arg.seed
+  config.data = cu.data_config(arg.data, smoke=arg.smoke)
+  config.augment = default_augment_config()
+  config.eval_batch_size = 256
+  config.phases = ("teacher", "student_mobilenet", "student_efficientformer")
+  epochs = 30 if real else 6
+  if real:
+    config.augment.mean = (0.0, 0.0, 0.0)  # EmoNet takes RGB in [0, 1], no standardisation
+    config.augment.std = (1.0, 1.0, 1.0)
+    config.teacher = cu.phase_config(
+        "emonet", dict(num_va=2), {"ce": dict(weight=1.0), "va": dict(kind="va_mse")},
+        epochs=epochs, batch_size=32, optimizer=cu.optimizer_config("adamw", lr=1e-4),
+        input_shape=(256, 256, 3), freeze=("fan",))
+  else:
+    config.teacher = cu.phase_config(
+        "resnet18", dict(stem="small", width=32, num_va=2),
+        {"ce": dict(weight=1.0), "va": dict(kind="va_mse")},
+        epochs=epochs, batch_size=128, optimizer=cu.optimizer_config("sgd", lr=0.05))
+  student_input = dict(input_shape=(224, 224, 3)) if real else {}
+  stem = "imagenet" if real else "small"
+  config.student_mobilenet = cu.phase_config(
+      "mobilenet_v2", dict(width=1.0 if real else 0.5, stem=stem, num_va=2), _student_terms(),
+      epochs=epochs, batch_size=128, teacher="teacher",
+      optimizer=cu.optimizer_config("sgd", lr=0.05, weight_decay=4e-5), **student_input)
+  config.student_efficientformer = cu.phase_config(
+      "efficientformer_l3" if real else "efficientformer_l1", dict(num_va=2), _student_terms(),
+      epochs=epochs, batch_size=128, teacher="teacher",
+      optimizer=cu.optimizer_config("adamw", lr=1e-3, weight_decay=0.025), **student_input)
+  if arg.smoke:
+    for phase in config.phases:
+      cu.smoke_phase(config[phase])
+  return config

@@ -1,0 +1,196 @@
+"""The jitted train and eval steps.
+
+One train step is ONE XLA program: it draws the batch from the device-resident
+training set (or takes a streamed batch), augments it, runs the frozen
+teacher, the student's forward and backward pass and every loss term, and
+applies the optimizer update. The train state is a plain dict pytree:
+
+  ``step`` (int32), ``rng`` (a raw uint32 key), ``params`` (``{'model',
+  'objective'}``), ``batch_stats``, ``opt_state``, and for contrastive phases
+  ``ema`` (the momentum encoder) and ``queue``/``queue_ptr``.
+
+A step whose loss or gradients are not finite leaves the state unchanged and
+reports ``finite = 0``; the trainer stops with a diagnosis.
+"""
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fer_jax import losses
+from fer_jax.data import augment as augment_lib
+from fer_jax.data import occlusion
+from fer_jax.objectives import ModelOutput, Objective
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """Everything static about a phase's train step."""
+  model: nn.Module
+  objective: Objective
+  tx: optax.GradientTransformation
+  augment_config: Any
+  batch_size: int
+  mesh: jax.sharding.Mesh
+  teacher: nn.Module | None = None
+  teacher_dtype: Any = jnp.float32
+  student_input: tuple[int, int, int] | None = None
+  teacher_input: tuple[int, int, int] | None = None
+  device_resident: bool = True
+  contrastive: bool = False
+  ema_momentum: float = 0.999
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh):
+  return NamedSharding(mesh, P("data"))
+
+
+def sample_batch(data, step, rng, batch_size):
+  """Epoch-wise shuffled batch ``step`` of the device-resident ``data``.
+
+  The permutation depends only on (rng, epoch), so the data position is the
+  step counter itself and resuming from a checkpoint continues exactly.
+  """
+  n = data["label"].shape[0]
+  steps_per_epoch = n // batch_size
+  epoch = step // steps_per_epoch
+  perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(rng, 0x5EED), epoch), n)
+  idx = jax.lax.dynamic_slice_in_dim(perm, (step % steps_per_epoch) * batch_size, batch_size)
+  return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
+
+
+def adapt_input(images, shape: tuple[int, int, int] | None):
+  """Resizes (bilinear) and converts channels (grey <-> RGB) to a model's input shape."""
+  if shape is None:
+    return images
+  height, width, channels = shape
+  if images.shape[1:3] != (height, width):
+    images = jax.image.resize(images, (images.shape[0], height, width, images.shape[3]),
+                              "bilinear")
+  if images.shape[3] != channels:
+    if channels == 3 and images.shape[3] == 1:
+      images = jnp.repeat(images, 3, axis=3)
+    elif channels == 1:
+      images = jnp.mean(images, axis=3, keepdims=True)
+    else:
+      raise ValueError(f"cannot convert {images.shape[3]} channels to {channels}")
+  return images
+
+
+def _teacher_forward(spec: StepSpec, teacher_vars, images):
+  images = adapt_input(images, spec.teacher_input)
+  variables = jax.tree.map(lambda x: x.astype(spec.teacher_dtype)
+                           if jnp.issubdtype(x.dtype, jnp.floating) else x, teacher_vars)
+  logits, aux = spec.teacher.apply(variables, images.astype(spec.teacher_dtype), train=False)
+  to_f32 = lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.lax.stop_gradient(ModelOutput(to_f32(logits), jax.tree.map(to_f32, dict(aux))))
+
+
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(spec: StepSpec, instrument: Callable = lambda f: f) -> Callable:
+  """Returns ``step(state, weights, teacher_vars, data) -> (state, metrics)``, jitted.
+
+  ``data`` is the whole device-resident training set when
+  ``spec.device_resident`` (the batch is drawn inside the step), else one
+  global batch. ``weights`` maps term names to float32 scalars.
+  ``instrument`` wraps the Python step before jit (tests count traces with it).
+  """
+  mesh = spec.mesh
+
+  def step_fn(state, weights, teacher_vars, data):
+    rng = state["rng"]
+    key = jax.random.fold_in(rng, state["step"])
+    k_aug, k_aug2, k_dropout = jax.random.split(key, 3)
+    batch = sample_batch(data, state["step"], rng, spec.batch_size) if spec.device_resident else data
+    batch = jax.lax.with_sharding_constraint(batch, batch_sharded(mesh))
+    images = augment_lib.augment(k_aug, batch["image"], spec.augment_config)
+    if spec.contrastive:
+      images = jnp.concatenate([images, augment_lib.augment(k_aug2, batch["image"],
+                                                              spec.augment_config)])
+      batch = jax.tree.map(lambda x: jnp.concatenate([x, x]), batch)
+    images = jax.lax.with_sharding_constraint(images, batch_sharded(mesh))
+    teacher = _teacher_forward(spec, teacher_vars, images) if spec.teacher else None
+
+    if spec.contrastive:
+      ema = state["ema"]
+      swapped = jnp.roll(adapt_input(images, spec.student_input), images.shape[0] // 2, axis=0)
+      (_, key_aux), _ = spec.model.apply(ema, swapped, train=True, mutable=["batch_stats"],
+                                         rngs={"dropout": k_dropout})
+      keys = jax.lax.stop_gradient(key_aux["projection"])
+      batch = dict(batch, moco_key=keys, moco_queue=state["queue"])
+
+    student_images = adapt_input(images, spec.student_input)
+
+    def loss_fn(params):
+      (logits, aux), new_model_state = spec.model.apply(
+          {"params": params["model"], "batch_stats": state["batch_stats"]}, student_images,
+          train=True,
+          rngs={"dropout": k_dropout}, mutable=["batch_stats"])
+      student = ModelOutput(logits, dict(aux))
+      term_losses = spec.objective.apply({"params": params["objective"]}, student, teacher,
+                                         batch, True)
+      total = sum(weights[name] * value for name, value in term_losses.items())
+      return total, (term_losses, new_model_state["batch_stats"], logits)
+
+    (total, (term_losses, batch_stats, logits)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = spec.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = dict(state, params=params, opt_state=opt_state, batch_stats=batch_stats)
+    if spec.contrastive:
+      m = spec.ema_momentum
+      new_state["ema"] = {
+          "params": jax.tree.map(lambda e, p: m * e + (1 - m) * p, state["ema"]["params"],
+                                 params["model"]),
+          "batch_stats": batch_stats}
+      half = keys.shape[0] // 2
+      new_state["queue"], new_state["queue_ptr"] = losses.update_queue(
+          state["queue"], keys[:half], state["queue_ptr"])
+    finite = jnp.isfinite(total) & _all_finite(grads)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    new_state["step"] = state["step"] + 1
+
+    metrics = {"loss": total, "grad_norm": optax.global_norm(grads),
+               "finite": finite.astype(jnp.float32),
+               **{f"loss/{name}": value for name, value in term_losses.items()}}
+    if not spec.contrastive:
+      metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return new_state, metrics
+
+  repl, data_sharding = replicated(mesh), (
+      replicated(mesh) if spec.device_resident else batch_sharded(mesh))
+  return jax.jit(instrument(step_fn), in_shardings=(repl, repl, repl, data_sharding),
+                 out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+def make_predict(model: nn.Module, augment_config, mesh, occlusion_kind: str | None,
+                 occlusion_seed: int = 0, input_shape=None) -> Callable:
+  """Returns jitted ``predict(variables, images_uint8, indices) -> (logits, va)``.
+
+  With ``occlusion_kind`` the images are first occluded by the fixed, per-index
+  test protocol of ``fer_jax.data.occlusion``.
+  """
+
+  def predict(variables, images, indices):
+    images = jax.lax.with_sharding_constraint(images, batch_sharded(mesh))
+    if occlusion_kind:
+      images = occlusion.occlude_fixed(images, indices, occlusion_kind, seed=occlusion_seed)
+    images = adapt_input(augment_lib.preprocess_eval(images, augment_config), input_shape)
+    logits, aux = model.apply(variables, images, train=False)
+    va = aux.get("va", jnp.zeros((logits.shape[0], 0), logits.dtype))
+    return logits, va
+
+  return jax.jit(predict, in_shardings=(replicated(mesh), batch_sharded(mesh),
+                                        batch_sharded(mesh)),
+                 out_shardings=(replicated(mesh), replicated(mesh)))

@@ -1,0 +1,372 @@
+"""Tests of the CNN families: ResNet, IR-50, the FER2013 VGG and mini-Xception.
+
+Shapes are checked at full size by tracing only (jax.eval_shape); anything that
+runs uses thin widths and a batch of 2. The PyTorch tests rebuild each network
+from its published layout with torch.nn.functional, load our weights, and
+compare outputs, which pins padding, stride placement, shortcut and flatten
+order (what a weight port depends on).
+"""
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fer_jax import models
+from fer_jax.models import resnet
+
+NUM_CLASSES = 7
+NUM_VA = 2
+
+
+def _abstract_forward(name, input_shape, **kwargs):
+  model = models.build(name, num_classes=NUM_CLASSES, num_va=NUM_VA, **kwargs)
+  x = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  return jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
+
+
+def _resnet_maps(size, stem, channels):
+  """Expected (side, channels) of stem and stages for a He ResNet."""
+  side = size if stem == "small" else math.ceil(math.ceil(size / 2) / 2)
+  maps = {"stem": (side, 64)}
+  for i, c in enumerate(channels):
+    if i:
+      side = math.ceil(side / 2)
+    maps[f"stage{i + 1}"] = (side, c)
+  return maps
+
+
+def _halving_maps(first_side, channels, prefix_stem=None):
+  maps = {} if prefix_stem is None else {"stem": prefix_stem}
+  side = first_side
+  for i, c in enumerate(channels):
+    maps[f"stage{i + 1}"] = (side, c)
+    side = math.ceil(side / 2)
+  return maps
+
+
+BASIC = (64, 128, 256, 512)
+BOTTLENECK = (256, 512, 1024, 2048)
+
+# (model, input HxWxC, constructor kwargs, expected aux maps, embedding dim)
+SHAPE_CASES = [
+    ("resnet18", (48, 48, 1), {"stem": "small"},
+     _resnet_maps(48, "small", BASIC), 512),
+    ("resnet18", (112, 112, 3), {}, _resnet_maps(112, "imagenet", BASIC), 512),
+    ("resnet34", (48, 48, 1), {"stem": "small"},
+     _resnet_maps(48, "small", BASIC), 512),
+    ("resnet34", (112, 112, 3), {}, _resnet_maps(112, "imagenet", BASIC), 512),
+    ("resnet50", (48, 48, 1), {"stem": "small"},
+     _resnet_maps(48, "small", BOTTLENECK), 2048),
+    ("resnet50", (112, 112, 3), {},
+     _resnet_maps(112, "imagenet", BOTTLENECK), 2048),
+    ("ir50", (48, 48, 1), {}, _halving_maps(24, BASIC, (48, 64)), 512),
+    ("ir50", (112, 112, 3), {}, _halving_maps(56, BASIC, (112, 64)), 512),
+    ("vgg_fer", (48, 48, 1), {}, _halving_maps(24, BASIC), 4096),
+    ("vgg_fer", (112, 112, 3), {}, _halving_maps(56, BASIC), 4096),
+    ("mini_xception", (48, 48, 1), {},
+     _halving_maps(22, (16, 32, 64, 128), (44, 8)), 128),
+    ("mini_xception", (112, 112, 3), {},
+     _halving_maps(54, (16, 32, 64, 128), (108, 8)), 128),
+]
+
+
+@pytest.mark.parametrize(
+    "name,input_shape,kwargs,maps,embedding_dim", SHAPE_CASES,
+    ids=[f"{c[0]}-{c[1][0]}px" for c in SHAPE_CASES])
+def test_output_and_aux_shapes(name, input_shape, kwargs, maps, embedding_dim):
+  logits, aux = _abstract_forward(name, input_shape, **kwargs)
+  assert logits.shape == (2, NUM_CLASSES)
+  expected = {k: (2, side, side, c) for k, (side, c) in maps.items()}
+  expected.update(embedding=(2, embedding_dim), va=(2, NUM_VA))
+  if name == "mini_xception":
+    expected["l2_loss"] = ()
+  assert {k: v.shape for k, v in aux.items()} == expected
+
+
+def test_resnet_rejects_unknown_stem():
+  with pytest.raises(ValueError, match="stem"):
+    _abstract_forward("resnet18", (48, 48, 1), stem="cifar")
+
+
+THIN_MODELS = {
+    "resnet18": lambda: models.build("resnet18", num_classes=NUM_CLASSES,
+                                     num_va=NUM_VA, stem="small", width=4),
+    "resnet50": lambda: models.build("resnet50", num_classes=NUM_CLASSES,
+                                     num_va=NUM_VA, stem="small", width=2),
+    "ir": lambda: resnet.IResNet(num_classes=NUM_CLASSES, num_va=NUM_VA,
+                                 stage_sizes=(1, 2, 1, 1), width=4),
+    "vgg_fer": lambda: models.build("vgg_fer", num_classes=NUM_CLASSES,
+                                    num_va=NUM_VA, width=4, fc_width=16),
+    "mini_xception": lambda: models.build("mini_xception",
+                                          num_classes=NUM_CLASSES,
+                                          num_va=NUM_VA),
+}
+
+
+@pytest.mark.parametrize("family", sorted(THIN_MODELS))
+def test_train_step_updates_batch_stats_and_gives_finite_grads(family):
+  model = THIN_MODELS[family]()
+  x = jax.random.normal(jax.random.key(1), (2, 48, 48, 1))
+  variables = model.init(jax.random.key(0), x)
+
+  @jax.jit
+  def loss_and_stats(params):
+    (logits, aux), updates = model.apply(
+        {**variables, "params": params}, x, train=True,
+        rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
+    loss = jnp.mean(logits ** 2) + jnp.mean(aux["va"] ** 2)
+    return loss + aux.get("l2_loss", 0.0), updates["batch_stats"]
+
+  (loss, new_stats), grads = jax.value_and_grad(
+      loss_and_stats, has_aux=True)(variables["params"])
+  chex.assert_tree_all_finite((loss, grads, new_stats))
+  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)),
+                       variables["batch_stats"], new_stats)
+  assert all(jax.tree.leaves(moved))
+  assert any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("family", ["ir", "vgg_fer"])
+def test_dropout_acts_only_in_training(family):
+  model = THIN_MODELS[family]()
+  x = jax.random.normal(jax.random.key(1), (2, 48, 48, 1))
+  variables = model.init(jax.random.key(0), x)
+
+  def run(train, key):
+    return model.apply(variables, x, train=train, rngs={"dropout": key},
+                       mutable=["batch_stats"])[0][0]
+
+  np.testing.assert_array_equal(run(False, jax.random.key(3)),
+                                run(False, jax.random.key(4)))
+  assert not np.allclose(run(True, jax.random.key(3)),
+                         run(True, jax.random.key(4)))
+
+
+def test_vgg_fc_input_is_2048_at_published_crop_size():
+  model = models.build("vgg_fer", num_classes=NUM_CLASSES)
+  x = jax.ShapeDtypeStruct((1, 40, 40, 1), jnp.float32)
+  params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  shapes = {name: params["params"][name]["kernel"].shape
+            for name in ("fc1", "fc2")}
+  assert shapes == {"fc1": (2048, 4096), "fc2": (4096, 4096)}
+
+
+def test_mini_xception_depthwise_impls_agree_and_l2_loss_is_stem_only():
+  x = jax.random.normal(jax.random.key(1), (2, 48, 48, 1))
+  native = models.build("mini_xception", num_classes=NUM_CLASSES,
+                        depthwise_impl="native")
+  shifted = models.build("mini_xception", num_classes=NUM_CLASSES,
+                         depthwise_impl="shifted")
+  variables = native.init(jax.random.key(0), x)
+  (native_logits, aux), (shifted_logits, _) = (
+      native.apply(variables, x), shifted.apply(variables, x))
+  np.testing.assert_allclose(native_logits, shifted_logits, atol=1e-5)
+  params = variables["params"]
+  stem_sq = sum(float(jnp.sum(params[f"stem_conv{i}"]["kernel"] ** 2))
+                for i in (1, 2))
+  np.testing.assert_allclose(aux["l2_loss"], 0.01 * stem_sq, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# PyTorch references.
+
+
+def _randomize(variables, seed=0):
+  """Perturbs every parameter and BN statistic so layouts cannot hide."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
+  rng = np.random.default_rng(seed)
+  out = []
+  for path, leaf in leaves:
+    leaf = np.asarray(leaf)
+    if path[-1].key == "var":
+      out.append(rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32))
+    else:
+      out.append((leaf + 0.2 * rng.standard_normal(leaf.shape))
+                 .astype(np.float32))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class _Torch:
+  """Functional PyTorch ops reading our (NHWC-layout) weights."""
+
+  def __init__(self, variables, bn_eps=1e-5):
+    self.torch = pytest.importorskip("torch")
+    self.F = self.torch.nn.functional
+    self.params = variables["params"]
+    self.stats = variables.get("batch_stats", {})
+    self.eps = bn_eps
+
+  def t(self, a):
+    return self.torch.from_numpy(np.asarray(a, np.float32))
+
+  def nchw(self, x):
+    return self.t(x).permute(0, 3, 1, 2)
+
+  def get(self, tree, path):
+    for key in path.split("/"):
+      tree = tree[key]
+    return tree
+
+  def conv(self, x, path, stride=1, padding=None, groups=1):
+    p = self.get(self.params, path)
+    kernel = self.t(p["kernel"]).permute(3, 2, 0, 1)
+    bias = self.t(p["bias"]) if "bias" in p else None
+    if padding is None:
+      padding = kernel.shape[-1] // 2
+    return self.F.conv2d(x, kernel, bias, stride, padding, groups=groups)
+
+  def bn(self, x, path):
+    p, s = self.get(self.params, path), self.get(self.stats, path)
+    return self.F.batch_norm(x, self.t(s["mean"]), self.t(s["var"]),
+                             self.t(p["scale"]), self.t(p["bias"]), False, 0.0,
+                             self.eps)
+
+  def conv_bn(self, x, path, stride=1):
+    return self.bn(self.conv(x, f"{path}/conv", stride), f"{path}/bn")
+
+  def prelu(self, x, path):
+    return self.F.prelu(x, self.t(self.get(self.params, path)["slope"]))
+
+  def linear(self, x, path):
+    p = self.get(self.params, path)
+    return self.F.linear(x, self.t(p["kernel"]).T, self.t(p["bias"]))
+
+  def heads(self, embedding):
+    return (self.linear(embedding, "Heads_0/classifier"),
+            self.linear(embedding, "Heads_0/va_head"))
+
+
+def _torch_resnet(ref, x, stage_sizes, bottleneck):
+  relu = ref.F.relu
+  y = relu(ref.conv_bn(x, "stem", 2))
+  y = ref.F.max_pool2d(y, 3, 2, 1)
+  for i, n in enumerate(stage_sizes):
+    for j in range(n):
+      unit = f"stage{i + 1}_unit{j + 1}"
+      stride = 2 if i and not j else 1
+      if bottleneck:
+        r = relu(ref.conv_bn(y, f"{unit}/conv1"))
+        r = relu(ref.conv_bn(r, f"{unit}/conv2", stride))
+        r = ref.conv_bn(r, f"{unit}/conv3")
+      else:
+        r = relu(ref.conv_bn(y, f"{unit}/conv1", stride))
+        r = ref.conv_bn(r, f"{unit}/conv2")
+      has_projection = "shortcut" in ref.params[unit]
+      shortcut = ref.conv_bn(y, f"{unit}/shortcut", stride) if (
+          has_projection) else y
+      y = relu(r + shortcut)
+  return ref.heads(y.mean(dim=(2, 3)))
+
+
+def _assert_close(ours, theirs):
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name,bottleneck", [("resnet18", False),
+                                             ("resnet50", True)])
+def test_resnet_matches_torch_reference(name, bottleneck):
+  model = models.build(name, num_classes=NUM_CLASSES, num_va=NUM_VA, width=4)
+  x = jax.random.normal(jax.random.key(1), (2, 33, 33, 3))
+  variables = _randomize(model.init(jax.random.key(0), x))
+  logits, aux = model.apply(variables, x)
+  ref = _Torch(variables)
+  stage_sizes = (2, 2, 2, 2) if name == "resnet18" else (3, 4, 6, 3)
+  _assert_close((logits, aux["va"]),
+                _torch_resnet(ref, ref.nchw(x), stage_sizes, bottleneck))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("mid_bn", [False, True])
+def test_iresnet_matches_torch_reference(mid_bn):
+  stage_sizes = (2, 1, 1, 1)
+  model = resnet.IResNet(num_classes=NUM_CLASSES, num_va=NUM_VA,
+                         stage_sizes=stage_sizes, width=4, mid_bn=mid_bn)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = _randomize(model.init(jax.random.key(0), x))
+  logits, aux = model.apply(variables, x)
+  ref = _Torch(variables)
+  y = ref.prelu(ref.conv_bn(ref.nchw(x), "stem"), "stem_prelu")
+  for i, n in enumerate(stage_sizes):
+    for j in range(n):
+      unit = f"stage{i + 1}_unit{j + 1}"
+      stride = 2 if j == 0 else 1
+      r = ref.bn(y, f"{unit}/bn_in")
+      r = (ref.conv_bn(r, f"{unit}/conv1") if mid_bn
+           else ref.conv(r, f"{unit}/conv1"))
+      r = ref.conv_bn(ref.prelu(r, f"{unit}/prelu"), f"{unit}/conv2", stride)
+      if "shortcut" in ref.params[unit]:
+        shortcut = ref.conv_bn(y, f"{unit}/shortcut", stride)
+      else:
+        shortcut = ref.F.max_pool2d(y, 1, stride)
+      y = r + shortcut
+  y = ref.bn(y, "output_bn2d").flatten(1)
+  embedding = ref.F.batch_norm(
+      ref.linear(y, "output_fc"),
+      ref.t(ref.stats["output_bn1d"]["mean"]),
+      ref.t(ref.stats["output_bn1d"]["var"]),
+      ref.t(ref.params["output_bn1d"]["scale"]),
+      ref.t(ref.params["output_bn1d"]["bias"]), False, 0.0, 1e-5)
+  _assert_close((aux["embedding"], logits, aux["va"]),
+                (embedding, *ref.heads(embedding)))
+
+
+@pytest.mark.torch
+def test_vgg_matches_torch_reference():
+  model = models.build("vgg_fer", num_classes=NUM_CLASSES, num_va=NUM_VA,
+                       width=4, fc_width=16)
+  x = jax.random.normal(jax.random.key(1), (2, 40, 40, 1))
+  variables = _randomize(model.init(jax.random.key(0), x))
+  logits, aux = model.apply(variables, x)
+  ref = _Torch(variables)
+  y = ref.nchw(x)
+  for i in range(4):
+    for j in range(2):
+      y = ref.F.relu(ref.conv_bn(y, f"stage{i + 1}_conv{j + 1}"))
+    y = ref.F.max_pool2d(y, 2, 2)
+  h = y.flatten(1)
+  for k in (1, 2):
+    h = ref.F.relu(ref.linear(h, f"fc{k}"))
+  _assert_close((logits, aux["va"]), ref.heads(h))
+
+
+@pytest.mark.torch
+def test_mini_xception_matches_keras_layout_in_torch():
+  model = models.build("mini_xception", num_classes=NUM_CLASSES, num_va=NUM_VA)
+  x = jax.random.normal(jax.random.key(1), (2, 48, 48, 1))
+  variables = _randomize(model.init(jax.random.key(0), x))
+  logits, aux = model.apply(variables, x)
+  ref = _Torch(variables, bn_eps=1e-3)
+  F = ref.F
+
+  def same_max_pool(y):
+    # TF 'SAME' for a 3x3/2 window: the odd padding goes bottom/right.
+    pads = []
+    for size in (y.shape[3], y.shape[2]):
+      total = max((math.ceil(size / 2) - 1) * 2 + 3 - size, 0)
+      pads += [total // 2, total - total // 2]
+    return F.max_pool2d(F.pad(y, pads, value=-math.inf), 3, 2)
+
+  def separable(y, path):
+    y = ref.conv(y, f"{path}/depthwise", groups=y.shape[1])
+    return ref.conv(y, f"{path}/pointwise")
+
+  y = ref.nchw(x)
+  for i in (1, 2):
+    y = F.relu(ref.bn(ref.conv(y, f"stem_conv{i}", padding=0),
+                      f"stem_bn{i}"))
+  for i in range(1, 5):
+    s = f"stage{i}"
+    residual = ref.bn(ref.conv(y, f"{s}_shortcut_conv", 2, padding=0),
+                      f"{s}_shortcut_bn")
+    r = F.relu(ref.bn(separable(y, f"{s}_sep1"), f"{s}_bn1"))
+    r = ref.bn(separable(r, f"{s}_sep2"), f"{s}_bn2")
+    y = same_max_pool(r) + residual
+  torch_logits = ref.conv(y, "classifier").mean(dim=(2, 3))
+  torch_va = ref.linear(y.mean(dim=(2, 3)), "va_head")
+  _assert_close((logits, aux["va"]), (torch_logits, torch_va))

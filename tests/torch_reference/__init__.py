@@ -1,0 +1,1 @@
+"""Test-only PyTorch restatements of official models, for equality checks."""
