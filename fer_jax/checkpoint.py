@@ -23,6 +23,11 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def discard_after(self, step: int) -> None:
+    """Deletes checkpoints newer than ``step`` (written by a run that did not finish)."""
+    for newer in [s for s in self._manager.all_steps() if s > step]:
+      self._manager.delete(newer)
+
   def save(self, step: int, state: Any, meta: dict) -> None:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)

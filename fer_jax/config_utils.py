@@ -53,9 +53,10 @@ def data_config(name: str = "synthetic", smoke: bool = False) -> ml_collections.
 
 def optimizer_config(name: str = "sgd", lr: float = 0.05, weight_decay: float = 5e-4,
                      **extra) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      name=name, lr=lr, weight_decay=weight_decay, momentum=0.9, warmup_fraction=0.05,
-      clip_norm=0.0, **extra))
+  cfg = dict(name=name, lr=lr, weight_decay=weight_decay, momentum=0.9, warmup_fraction=0.05,
+             clip_norm=0.0)
+  cfg.update(extra)
+  return ml_collections.ConfigDict(cfg)
 
 
 def phase_config(model: str, model_kwargs: dict, terms: dict, *, epochs: float,

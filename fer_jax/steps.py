@@ -161,7 +161,7 @@ def make_train_step(spec: StepSpec, instrument: Callable = lambda f: f) -> Calla
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     new_state["step"] = state["step"] + 1
 
-    metrics = {"loss": total, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": total, "grad_norm": optax.tree.norm(grads),
                "finite": finite.astype(jnp.float32),
                **{f"loss/{name}": value for name, value in term_losses.items()}}
     if not spec.contrastive:

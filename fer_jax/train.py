@@ -253,6 +253,7 @@ class Phase:
       state, meta = ckpts.restore(latest, state)
       best = meta["best"]
       logging.info("%s: resumed at step %d from %s", self.name, latest, ckpts.directory)
+    best_ckpts.discard_after(latest or 0)
     train_data = jax.device_put(self.arrays[self.config.data.train_split],
                                 steps.replicated(self.mesh))
     teacher_vars = self.teacher.variables if self.teacher else {}
@@ -404,7 +405,10 @@ def load_data(data_cfg):
   arrays = {s: {k: v for k, v in as_arrays(dataset.split(s)).items() if v.dtype.kind in "biuf"}
             for s in wanted}
   for a in arrays.values():
-    a.setdefault("index", np.arange(len(a["label"]), dtype=np.int64))
+    # The occlusion protocol keys each test image by its source row; a layout
+    # without one (Kaggle folders: -1) falls back to the position in the split.
+    if "index" not in a or np.any(a["index"] < 0):
+      a["index"] = np.arange(len(a["label"]), dtype=np.int64)
   return dataset, arrays
 
 
@@ -420,17 +424,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for name in config.phases:
     phase = Phase(config, name, dataset, arrays, mesh, workdir, writer, finished)
     phase.check_layer_names()
-    results.update(_phase_results(config, phase, finished, details))
+    results.update(_phase_results(config, phase, details))
     finished[name] = FinishedPhase(phase.cfg, phase.model, phase.final_variables,
                                    phase.input_shape)
   results = {k: v for k, v in sorted(results.items())}
   if jax.process_index() == 0:
     (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (workdir / "report.md").write_text(report.render(config, results, details))
+    (workdir / "details.json").write_text(json.dumps(details) + "\n")
   return results
 
 
-def _phase_results(config, phase: Phase, finished, details) -> dict:
+def _phase_results(config, phase: Phase, details) -> dict:
   cfg = phase.cfg
   results = {}
   checkpoint = cfg.get("checkpoint", "")

@@ -1,7 +1,7 @@
 """Tests for the AFNet teacher (fer_jax/models/afnet.py)."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -9,35 +9,40 @@ import pytest
 from fer_jax.models import afnet
 
 BATCH, SIZE = 2, 48
-FPN_DIM, EMBED_DIM, NUM_REGIONS = 8, 8, 4
-
-
+FPN_DIM, EMBED_DIM, NUM_REGIONS, NUM_CLASSES = 8, 8, 4, 7
+# A thin ResNet-18 with the 48 px stem: stage4 is 6x6x32.
 BACKBONE_KWARGS = (("stem", "small"), ("width", 4))
-STAGE_CHANNELS = (8, 16, 32)  # stage2..stage4 at width 4
-# The backbone's own classifier, built by the backbone but unused by AFNet.
+STAGE_CHANNELS = (8, 16, 32)  # stage2..stage4
+# The backbone's own classifier: built by the backbone, unused by AFNet.
 BACKBONE_HEAD = ("backbone", "Heads_0")
 
 
 def make(**overrides):
-  fields = dict(num_classes=7, backbone="resnet18",
+  fields = dict(num_classes=NUM_CLASSES, backbone="resnet18",
                 backbone_kwargs=BACKBONE_KWARGS, fpn_dim=FPN_DIM,
                 embed_dim=EMBED_DIM, num_regions=NUM_REGIONS)
   fields.update(overrides)
   return afnet.AFNet(**fields)
 
 
-@pytest.fixture(scope="module")
-def images():
-  return jax.random.normal(jax.random.key(0), (BATCH, SIZE, SIZE, 1))
-
-
 def init(model, images):
-  return model.init(jax.random.key(1), images)
+  # An 'rbg' key: parameter init then compiles far less than with threefry,
+  # and compilation dominates the run time of these tiny models.
+  return model.init(jax.random.key(1, impl="rbg"), images)
 
 
 def shapes(tree):
   return {jax.tree_util.keystr(p): v.shape
           for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def abstract_variables(model, size=SIZE, channels=1):
+  return jax.eval_shape(model.init, jax.random.key(0),
+                        jnp.zeros((1, size, size, channels)))
+
+
+def abstract_params(model, size=SIZE, channels=1):
+  return abstract_variables(model, size, channels)["params"]
 
 
 def train_apply(model, variables, images, seed):
@@ -47,19 +52,32 @@ def train_apply(model, variables, images, seed):
   return logits, aux
 
 
-def test_output_shapes_and_aux(images):
+@pytest.fixture(scope="module")
+def images():
+  return jax.random.normal(jax.random.key(0), (BATCH, SIZE, SIZE, 1))
+
+
+@pytest.fixture(scope="module")
+def default(images):
+  """The default AFNet (all branches on) with a V/A head, initialised once."""
   model = make(num_va=2)
-  variables = init(model, images)
+  return model, init(model, images)
+
+
+def test_output_shapes_and_aux(images, default):
+  model, variables = default
   logits, aux = model.apply(variables, images)
-  assert logits.shape == (BATCH, 7)
+  assert logits.shape == (BATCH, NUM_CLASSES)
   assert set(aux) == {
       "stem", "stage1", "stage2", "stage3", "stage4", "fpn_p3", "fpn_p4",
       "fpn_p5", "att_map", "region_weights", "embedding", "region_loss", "va"}
-  for level, stage in zip(("fpn_p3", "fpn_p4", "fpn_p5"),
-                          ("stage2", "stage3", "stage4")):
+  for level, stage in zip(afnet.PYRAMID_NAMES, ("stage2", "stage3", "stage4")):
     assert aux[level].shape == aux[stage].shape[:3] + (FPN_DIM,)
-  assert aux["att_map"].shape == aux["stage4"].shape[:3] + (NUM_REGIONS,)
-  assert np.all(np.asarray(aux["att_map"]) >= 0)
+  assert aux["stage4"].shape == (BATCH, 6, 6, STAGE_CHANNELS[-1])
+  assert aux["att_map"].shape == (BATCH, 6, 6, NUM_REGIONS)
+  att_map = np.asarray(aux["att_map"])
+  assert np.all(att_map >= 0)
+  np.testing.assert_allclose(att_map.sum(axis=(1, 2)), 1.0, rtol=1e-4)
   weights = np.asarray(aux["region_weights"])
   assert weights.shape == (BATCH, NUM_REGIONS)
   assert np.all((weights > 0) & (weights < 1))
@@ -69,6 +87,15 @@ def test_output_shapes_and_aux(images):
   assert aux["va"].shape == (BATCH, 2)
 
 
+def test_fpn_handles_odd_level_sizes():
+  maps = [jax.ShapeDtypeStruct((BATCH, s, s, c), jnp.float32)
+          for s, c in ((6, 3), (3, 5), (2, 7))]
+  pyramid = afnet.FeaturePyramid(4)
+  levels = jax.eval_shape(
+      lambda m: pyramid.init_with_output(jax.random.key(0), m)[0], maps)
+  assert [p.shape for p in levels] == [(BATCH, s, s, 4) for s in (6, 3, 2)]
+
+
 @pytest.mark.parametrize("overrides, gone, embedding_dim", [
     (dict(use_fpn=False), "fpn", 3 * EMBED_DIM),
     (dict(num_regions=0), "regions", 2 * EMBED_DIM),
@@ -76,9 +103,11 @@ def test_output_shapes_and_aux(images):
     (dict(fusion="sum"), None, EMBED_DIM),
     (dict(fusion="attention"), None, EMBED_DIM),
 ])
-def test_each_switch_changes_the_model(images, overrides, gone, embedding_dim):
-  base, ablated = make(), make(**overrides)
-  base_vars, ablated_vars = init(base, images), init(ablated, images)
+def test_each_switch_changes_the_model(images, default, overrides, gone,
+                                       embedding_dim):
+  base, base_vars = default
+  ablated = make(num_va=2, **overrides)
+  ablated_vars = init(ablated, images)
   base_params, ablated_params = base_vars["params"], ablated_vars["params"]
   assert shapes(base_params) != shapes(ablated_params)
   # The backbone is untouched by every switch.
@@ -94,34 +123,32 @@ def test_each_switch_changes_the_model(images, overrides, gone, embedding_dim):
   assert not np.allclose(base_logits, logits)
 
 
-def test_use_fpn_off_pools_the_last_map(images):
-  model = make(use_fpn=False)
-  variables = init(model, images)
-  _, aux = model.apply(variables, images)
-  assert not any(k.startswith("fpn") for k in aux)
-  kernel = variables["params"]["fusion"]["project_global"]["kernel"]
+def test_use_fpn_off_pools_the_last_map():
+  params = abstract_params(make(use_fpn=False))
+  kernel = params["fusion"]["project_global"]["kernel"]
   assert kernel.shape == (STAGE_CHANNELS[-1], EMBED_DIM)
 
 
 def test_no_regions_drops_region_outputs(images):
-  model = make(num_regions=0)
-  _, aux = model.apply(init(model, images), images)
+  model = make(num_regions=0, use_fpn=False)
+  _, aux = jax.eval_shape(
+      lambda v: model.apply(v, images), abstract_variables(model))
   assert not {"att_map", "region_weights", "region_loss"} & set(aux)
+  assert not {"fpn_p3", "fpn_p4", "fpn_p5"} & set(aux)
 
 
 def test_fusion_modes_match_formulas():
-  branches = {"global": np.random.RandomState(0).randn(BATCH, 6),
-              "local": np.random.RandomState(1).randn(BATCH, 5),
-              "masked": np.random.RandomState(2).randn(BATCH, 5)}
-  fused = {}
+  rng = np.random.RandomState(0)
+  branches = {"global": rng.randn(BATCH, 6), "local": rng.randn(BATCH, 5),
+              "masked": rng.randn(BATCH, 5)}
   for mode in afnet.FUSIONS:
     module = afnet.BranchFusion(mode, EMBED_DIM)
     params = module.init(jax.random.key(0), branches)["params"]
-    fused[mode] = np.asarray(module.apply({"params": params}, branches))
+    fused = module.apply({"params": params}, branches)
     projected = np.stack([
         branches[name] @ np.asarray(params[f"project_{name}"]["kernel"]) +
-        np.asarray(params[f"project_{name}"]["bias"]) for name in branches],
-                         axis=1)
+        np.asarray(params[f"project_{name}"]["bias"]) for name in branches
+    ], axis=1)
     if mode == "concat":
       expected = projected.reshape(BATCH, -1)
     elif mode == "sum":
@@ -130,7 +157,32 @@ def test_fusion_modes_match_formulas():
       scores = np.tanh(projected) @ np.asarray(params["score"]["kernel"])[:, 0]
       weights = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
       expected = np.einsum("bn,bnd->bd", weights, projected)
-    np.testing.assert_allclose(fused[mode], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-5)
+
+
+def captured_regions(model, variables, images):
+  """The model's aux and the output dict of its RegionAttention module."""
+  (_, aux), state = model.apply(
+      variables, images, mutable=["intermediates"],
+      capture_intermediates=lambda mdl, _: mdl.name == "regions")
+  return aux, state["intermediates"]["regions"]["__call__"][0]
+
+
+def test_region_features_are_the_mu_weighted_mean(images, default):
+  model, variables = default
+  aux, regions = captured_regions(model, variables, images)
+  mu = np.asarray(regions["region_weights"])
+  features = np.asarray(regions["region_features"])
+  expected = (mu[..., None] * features).sum(1) / mu.sum(1, keepdims=True)
+  np.testing.assert_allclose(regions["feature"], expected, rtol=1e-5,
+                             atol=1e-6)
+  # mu_0 scores the pooled whole face with the regions' importance layer.
+  importance = variables["params"]["regions"]["importance"]
+  logit = (np.asarray(aux["stage4"]).mean(axis=(1, 2)) @
+           np.asarray(importance["kernel"]) +
+           np.asarray(importance["bias"]))[:, 0]
+  np.testing.assert_allclose(regions["face_weight"], 1 / (1 + np.exp(-logit)),
+                             rtol=1e-5)
 
 
 def test_channel_mask_only_in_train_mode_and_driven_by_dropout_rng(images):
@@ -170,10 +222,12 @@ def test_channel_mask_is_per_sample_and_channel(images, train):
   live = last > 0  # ReLU output: compare only where the map is non-zero.
   scale = np.where(live, masked / np.where(live, last, 1.0), np.nan)
   per_channel = np.nanmax(scale, axis=(1, 2))
+  # One factor per (sample, channel), the same at every position...
   np.testing.assert_allclose(np.nanmin(scale, axis=(1, 2)), per_channel)
-  assert set(np.unique(np.round(per_channel[~np.isnan(per_channel)], 5))) == {
-      0.0, 1 / keep}
-  # Different samples get different masks.
+  # ...either dropped or rescaled by 1 / keep...
+  factors = per_channel[~np.isnan(per_channel)]
+  assert set(np.unique(np.round(factors, 5))) == {0.0, 1 / keep}
+  # ...and drawn separately for each sample.
   assert not np.array_equal(per_channel[0] > 0, per_channel[1] > 0)
 
 
@@ -186,7 +240,15 @@ def test_partition_loss_matches_dan_torch_code():
   expected = torch.log(1 + heads.size(1) / heads.var(dim=1).mean()).item()
   np.testing.assert_allclose(afnet.partition_loss(jnp.asarray(features)),
                              expected, rtol=1e-5)
+
+
+def test_partition_loss_matches_numpy_formula():
+  features = np.random.RandomState(1).randn(3, 4, 6)
+  variance = features.var(axis=1, ddof=1).mean()
+  np.testing.assert_allclose(afnet.partition_loss(jnp.asarray(features)),
+                             np.log(1 + 4 / variance), rtol=1e-5)
   assert afnet.partition_loss(jnp.asarray(features[:, :1])) == 0
+  # Heads that spread apart are penalised less.
   spread = np.concatenate([features[:, :1], features[:, :1] + 10], axis=1)
   assert (afnet.partition_loss(jnp.asarray(spread)) <
           afnet.partition_loss(jnp.asarray(features[:, :2])))
@@ -196,56 +258,66 @@ def test_region_biased_loss_matches_formula():
   region_weights = np.array([[0.2, 0.9, 0.5], [0.3, 0.4, 0.35],
                              [0.6, 0.1, 0.61]], np.float32)
   face_weight = np.array([0.5, 0.39, 0.7], np.float32)
-  margin = 0.02
-  # max(0, margin - (mu_max - mu_0)) per sample: 0, 0.01, 0.11.
-  expected = np.mean([0.0, 0.01, 0.11])
+  # max(0, 0.02 - (mu_max - mu_0)) per sample: 0, 0.01, 0.11.
   np.testing.assert_allclose(
       afnet.region_biased_loss(jnp.asarray(region_weights),
-                               jnp.asarray(face_weight), margin),
-      expected, rtol=1e-5)
+                               jnp.asarray(face_weight), 0.02),
+      np.mean([0.0, 0.01, 0.11]), rtol=1e-5)
 
 
-def test_model_region_biased_loss_uses_whole_face_weight(images):
-  model = make(region_loss="region_biased", region_margin=0.5)
-  variables = init(model, images)
-  _, aux = model.apply(variables, images)
-  importance = variables["params"]["regions"]["importance"]
-  pooled = np.asarray(aux["stage4"]).mean(axis=(1, 2))
-  face_weight = 1 / (1 + np.exp(-(
-      pooled @ np.asarray(importance["kernel"])[:, 0] +
-      np.asarray(importance["bias"])[0])))
-  lead = np.asarray(aux["region_weights"]).max(axis=1) - face_weight
-  expected = np.mean(np.maximum(0.0, 0.5 - lead))
-  np.testing.assert_allclose(aux["region_loss"], expected, rtol=1e-5)
+def test_model_region_biased_loss_uses_whole_face_weight(images, default):
+  model, variables = default
+  model = model.clone(region_loss="region_biased", region_margin=0.5)
+  aux, regions = captured_regions(model, variables, images)
+  lead = (np.asarray(aux["region_weights"]).max(axis=1) -
+          np.asarray(regions["face_weight"]))
+  np.testing.assert_allclose(aux["region_loss"],
+                             np.mean(np.maximum(0.0, 0.5 - lead)), rtol=1e-5)
 
 
-def test_region_loss_none_is_absent(images):
-  model = make(region_loss="none")
-  _, aux = model.apply(init(model, images), images)
+def test_model_partition_loss_is_on_log_softmax_over_heads(images, default):
+  model, variables = default
+  aux, regions = captured_regions(model, variables, images)
+  features = np.asarray(regions["region_features"], np.float64)
+  log_probs = features - np.log(np.exp(features).sum(axis=1, keepdims=True))
+  variance = log_probs.var(axis=1, ddof=1).mean()
+  np.testing.assert_allclose(aux["region_loss"],
+                             np.log(1 + NUM_REGIONS / variance), rtol=1e-4)
+
+
+def test_region_loss_none_is_absent(images, default):
+  model, variables = default
+  _, aux = model.clone(region_loss="none").apply(variables, images)
   assert "region_loss" not in aux and "region_weights" in aux
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(num_va=2),
+    dict(),
     dict(fusion="attention", region_loss="region_biased", region_margin=1.0),
 ])
-def test_total_loss_gradient_reaches_every_parameter(images, overrides):
-  model = make(**overrides)
-  variables = init(model, images)
+def test_total_loss_gradient_reaches_every_parameter(images, default,
+                                                     overrides):
+  model, variables = default
+  if overrides:
+    model = model.clone(**overrides)
+    variables = init(model, images)
   labels = jnp.array([1, 3])
 
-  def total_loss(params):
-    (logits, aux), _ = model.apply(
-        {**variables, "params": params}, images, train=True,
-        rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits, labels).mean()
-    loss += sum(v for k, v in aux.items() if k.endswith("_loss"))
-    if "va" in aux:
-      loss += jnp.mean(aux["va"]**2)
-    return loss
+  @jax.jit
+  def total_loss_grad(params):
 
-  grads = jax.grad(total_loss)(variables["params"])
+    def total_loss(params):
+      (logits, aux), _ = model.apply(
+          {**variables, "params": params}, images, train=True,
+          rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels).mean()
+      loss += sum(v for k, v in aux.items() if k.endswith("_loss"))
+      return loss + jnp.mean(aux["va"]**2)
+
+    return jax.grad(total_loss)(params)
+
+  grads = total_loss_grad(variables["params"])
   dead = [
       jax.tree_util.keystr(path)
       for path, g in jax.tree_util.tree_leaves_with_path(grads)
@@ -255,11 +327,14 @@ def test_total_loss_gradient_reaches_every_parameter(images, overrides):
   assert not dead
 
 
-def test_backbone_kwargs_accept_pairs_and_mappings(images):
-  pairs = init(make(backbone_kwargs=(("width", 2),)), images)
-  mapping = init(make(backbone_kwargs={"width": 2}), images)
-  assert shapes(pairs) == shapes(mapping)
-  assert shapes(pairs) != shapes(init(make(), images))
+def test_backbone_kwargs_accept_pairs_and_mappings():
+  pairs = abstract_params(make(backbone_kwargs=(("stem", "small"),
+                                                ("width", 2))))
+  # Configs hand the kwargs over as a (possibly frozen) ConfigDict.
+  config = ml_collections.FrozenConfigDict({"stem": "small", "width": 2})
+  assert shapes(pairs) == shapes(abstract_params(make(backbone_kwargs=config)))
+  assert shapes(pairs) != shapes(abstract_params(make()))
+  assert pairs["backbone"]["stem"]["conv"]["kernel"].shape == (3, 3, 1, 2)
 
 
 def added_parameters(stage_channels, fpn_dim, embed_dim, num_regions,
@@ -280,29 +355,28 @@ def added_parameters(stage_channels, fpn_dim, embed_dim, num_regions,
   return fpn + regions + masked + fusion + classifier
 
 
-def parameter_counts(model, size):
-  variables = jax.eval_shape(model.init, jax.random.key(0),
-                             jnp.zeros((1, size, size, 1)))
-  params = dict(variables["params"])
+def parameter_counts(model, size, channels):
+  params = dict(abstract_params(model, size, channels))
   backbone = params.pop("backbone")
   return (sum(x.size for x in jax.tree.leaves(backbone)),
           sum(x.size for x in jax.tree.leaves(params)))
 
 
 def test_added_parameter_count_matches_design():
-  _, added = parameter_counts(make(), SIZE)
+  _, added = parameter_counts(make(), SIZE, 1)
   assert added == added_parameters(STAGE_CHANNELS, FPN_DIM, EMBED_DIM,
-                                   NUM_REGIONS, 7)
+                                   NUM_REGIONS, NUM_CLASSES)
 
 
 def test_full_size_parameter_count():
-  model = afnet.AFNet(num_classes=7)
-  backbone, added = parameter_counts(model, 224)
-  # torchvision ResNet-18: 11,689,512 with its 1000-way fc (513,000), plus
-  # the backbone's own (unused) 7-way classifier.
-  assert backbone == 11_689_512 - 513_000 + 512 * 7 + 7
+  model = afnet.AFNet(num_classes=NUM_CLASSES)
+  backbone, added = parameter_counts(model, 224, 3)
+  # torchvision ResNet-18: 11,689,512 with its 1000-way fc (513,000); here
+  # the backbone carries its own (unused) 7-way classifier instead.
+  assert backbone == 11_689_512 - 513_000 + 512 * NUM_CLASSES + NUM_CLASSES
   assert added == added_parameters((128, 256, 512), model.fpn_dim,
-                                   model.embed_dim, model.num_regions, 7)
+                                   model.embed_dim, model.num_regions,
+                                   NUM_CLASSES)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -314,7 +388,6 @@ def test_bad_fields_name_the_field(field, value):
     make(**{field: value})
 
 
-def test_missing_backbone_stage_is_reported(images):
-  model = make(pyramid_stages=("stage2", "stage3", "stage5"))
+def test_missing_backbone_stage_is_reported():
   with pytest.raises(ValueError, match="stage5"):
-    init(model, images)
+    abstract_params(make(pyramid_stages=("stage2", "stage3", "stage5")))

@@ -6,6 +6,7 @@ from its published layout with torch.nn.functional, load our weights, and
 compare outputs, which pins padding, stride placement, shortcut and flatten
 order (what a weight port depends on).
 """
+import functools
 import math
 
 import chex
@@ -19,6 +20,7 @@ from fer_jax.models import resnet
 
 NUM_CLASSES = 7
 NUM_VA = 2
+KEY = jax.random.key(2)
 
 
 def _abstract_forward(name, input_shape, **kwargs):
@@ -107,43 +109,81 @@ THIN_MODELS = {
 }
 
 
+def _random_variables(model, x, seed=0):
+  """Variables shaped like ``model.init``'s, filled by numpy.
+
+  Running Flax's initialisers compiles a threefry program per parameter, which
+  costs seconds on CPU; the tests only need well-scaled random values. BN
+  statistics, scales and PReLU slopes are drawn away from their init values so
+  that a swapped or misplaced one changes the output.
+  """
+  abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    shape, name = leaf.shape, path[-1].key
+    if name == "kernel":
+      values = rng.standard_normal(shape) / math.sqrt(math.prod(shape[:-1]))
+    elif name in ("var", "scale"):
+      values = rng.uniform(0.5, 1.5, shape)
+    elif name == "slope":
+      values = rng.uniform(0.0, 0.5, shape)
+    else:
+      values = 0.1 * rng.standard_normal(shape)
+    return jnp.asarray(values, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def _image(shape, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape),
+                     jnp.float32)
+
+
 @pytest.mark.parametrize("family", sorted(THIN_MODELS))
-def test_train_step_updates_batch_stats_and_gives_finite_grads(family):
+def test_train_mode_updates_batch_stats(family):
   model = THIN_MODELS[family]()
-  x = jax.random.normal(jax.random.key(1), (2, 48, 48, 1))
-  variables = model.init(jax.random.key(0), x)
-
-  @jax.jit
-  def loss_and_stats(params):
-    (logits, aux), updates = model.apply(
-        {**variables, "params": params}, x, train=True,
-        rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
-    loss = jnp.mean(logits ** 2) + jnp.mean(aux["va"] ** 2)
-    return loss + aux.get("l2_loss", 0.0), updates["batch_stats"]
-
-  (loss, new_stats), grads = jax.value_and_grad(
-      loss_and_stats, has_aux=True)(variables["params"])
-  chex.assert_tree_all_finite((loss, grads, new_stats))
+  x = _image((2, 48, 48, 1))
+  variables = _random_variables(model, x)
+  (logits, aux), updates = jax.jit(
+      lambda v, x: model.apply(v, x, train=True, rngs={"dropout": KEY},
+                               mutable=["batch_stats"]))(variables, x)
+  chex.assert_tree_all_finite((logits, aux, updates))
   moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)),
-                       variables["batch_stats"], new_stats)
+                       variables["batch_stats"], updates["batch_stats"])
   assert all(jax.tree.leaves(moved))
-  assert any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+
+
+def test_iresnet_gradients_reach_every_parameter():
+  model = THIN_MODELS["ir"]()
+  x = _image((2, 48, 48, 1))
+  variables = _random_variables(model, x)
+
+  def loss(params):
+    (logits, aux), _ = model.apply(
+        {**variables, "params": params}, x, train=True,
+        rngs={"dropout": KEY}, mutable=["batch_stats"])
+    return jnp.mean(logits ** 2) + jnp.mean(aux["va"] ** 2)
+
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  chex.assert_tree_all_finite(grads)
+  assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
 
 
 @pytest.mark.parametrize("family", ["ir", "vgg_fer"])
 def test_dropout_acts_only_in_training(family):
   model = THIN_MODELS[family]()
-  x = jax.random.normal(jax.random.key(1), (2, 48, 48, 1))
-  variables = model.init(jax.random.key(0), x)
+  x = _image((2, 48, 48, 1))
+  variables = _random_variables(model, x)
 
+  @functools.partial(jax.jit, static_argnums=0)
   def run(train, key):
     return model.apply(variables, x, train=train, rngs={"dropout": key},
                        mutable=["batch_stats"])[0][0]
 
-  np.testing.assert_array_equal(run(False, jax.random.key(3)),
-                                run(False, jax.random.key(4)))
-  assert not np.allclose(run(True, jax.random.key(3)),
-                         run(True, jax.random.key(4)))
+  key_a, key_b = jax.random.key(3), jax.random.key(4)
+  np.testing.assert_array_equal(run(False, key_a), run(False, key_b))
+  assert not np.allclose(run(True, key_a), run(True, key_b))
 
 
 def test_vgg_fc_input_is_2048_at_published_crop_size():
@@ -156,14 +196,14 @@ def test_vgg_fc_input_is_2048_at_published_crop_size():
 
 
 def test_mini_xception_depthwise_impls_agree_and_l2_loss_is_stem_only():
-  x = jax.random.normal(jax.random.key(1), (2, 48, 48, 1))
+  x = _image((2, 48, 48, 1))
   native = models.build("mini_xception", num_classes=NUM_CLASSES,
                         depthwise_impl="native")
   shifted = models.build("mini_xception", num_classes=NUM_CLASSES,
                          depthwise_impl="shifted")
-  variables = native.init(jax.random.key(0), x)
-  (native_logits, aux), (shifted_logits, _) = (
-      native.apply(variables, x), shifted.apply(variables, x))
+  variables = _random_variables(native, x)
+  native_logits, aux = jax.jit(native.apply)(variables, x)
+  shifted_logits, _ = jax.jit(shifted.apply)(variables, x)
   np.testing.assert_allclose(native_logits, shifted_logits, atol=1e-5)
   params = variables["params"]
   stem_sq = sum(float(jnp.sum(params[f"stem_conv{i}"]["kernel"] ** 2))
@@ -173,21 +213,6 @@ def test_mini_xception_depthwise_impls_agree_and_l2_loss_is_stem_only():
 
 # --------------------------------------------------------------------------
 # PyTorch references.
-
-
-def _randomize(variables, seed=0):
-  """Perturbs every parameter and BN statistic so layouts cannot hide."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
-  rng = np.random.default_rng(seed)
-  out = []
-  for path, leaf in leaves:
-    leaf = np.asarray(leaf)
-    if path[-1].key == "var":
-      out.append(rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32))
-    else:
-      out.append((leaf + 0.2 * rng.standard_normal(leaf.shape))
-                 .astype(np.float32))
-  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 class _Torch:
@@ -201,7 +226,7 @@ class _Torch:
     self.eps = bn_eps
 
   def t(self, a):
-    return self.torch.from_numpy(np.asarray(a, np.float32))
+    return self.torch.from_numpy(np.array(a, np.float32))
 
   def nchw(self, x):
     return self.t(x).permute(0, 3, 1, 2)
@@ -263,8 +288,10 @@ def _torch_resnet(ref, x, stage_sizes, bottleneck):
 
 
 def _assert_close(ours, theirs):
-  for a, b in zip(ours, theirs):
-    np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-4, atol=1e-4)
+  for a, b in zip(ours, theirs, strict=True):
+    b = b.numpy()
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4,
+                               atol=1e-4 * np.abs(b).max())
 
 
 @pytest.mark.torch
@@ -272,9 +299,9 @@ def _assert_close(ours, theirs):
                                              ("resnet50", True)])
 def test_resnet_matches_torch_reference(name, bottleneck):
   model = models.build(name, num_classes=NUM_CLASSES, num_va=NUM_VA, width=4)
-  x = jax.random.normal(jax.random.key(1), (2, 33, 33, 3))
-  variables = _randomize(model.init(jax.random.key(0), x))
-  logits, aux = model.apply(variables, x)
+  x = _image((2, 32, 32, 3))
+  variables = _random_variables(model, x)
+  logits, aux = jax.jit(model.apply)(variables, x)
   ref = _Torch(variables)
   stage_sizes = (2, 2, 2, 2) if name == "resnet18" else (3, 4, 6, 3)
   _assert_close((logits, aux["va"]),
@@ -287,9 +314,9 @@ def test_iresnet_matches_torch_reference(mid_bn):
   stage_sizes = (2, 1, 1, 1)
   model = resnet.IResNet(num_classes=NUM_CLASSES, num_va=NUM_VA,
                          stage_sizes=stage_sizes, width=4, mid_bn=mid_bn)
-  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  variables = _randomize(model.init(jax.random.key(0), x))
-  logits, aux = model.apply(variables, x)
+  x = _image((2, 32, 32, 3))
+  variables = _random_variables(model, x)
+  logits, aux = jax.jit(model.apply)(variables, x)
   ref = _Torch(variables)
   y = ref.prelu(ref.conv_bn(ref.nchw(x), "stem"), "stem_prelu")
   for i, n in enumerate(stage_sizes):
@@ -320,9 +347,9 @@ def test_iresnet_matches_torch_reference(mid_bn):
 def test_vgg_matches_torch_reference():
   model = models.build("vgg_fer", num_classes=NUM_CLASSES, num_va=NUM_VA,
                        width=4, fc_width=16)
-  x = jax.random.normal(jax.random.key(1), (2, 40, 40, 1))
-  variables = _randomize(model.init(jax.random.key(0), x))
-  logits, aux = model.apply(variables, x)
+  x = _image((2, 40, 40, 1))
+  variables = _random_variables(model, x)
+  logits, aux = jax.jit(model.apply)(variables, x)
   ref = _Torch(variables)
   y = ref.nchw(x)
   for i in range(4):
@@ -338,9 +365,9 @@ def test_vgg_matches_torch_reference():
 @pytest.mark.torch
 def test_mini_xception_matches_keras_layout_in_torch():
   model = models.build("mini_xception", num_classes=NUM_CLASSES, num_va=NUM_VA)
-  x = jax.random.normal(jax.random.key(1), (2, 48, 48, 1))
-  variables = _randomize(model.init(jax.random.key(0), x))
-  logits, aux = model.apply(variables, x)
+  x = _image((2, 48, 48, 1))
+  variables = _random_variables(model, x)
+  logits, aux = jax.jit(model.apply)(variables, x)
   ref = _Torch(variables, bn_eps=1e-3)
   F = ref.F
 

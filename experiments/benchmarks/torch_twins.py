@@ -10,8 +10,8 @@ that both frameworks compute the same function. torchvision and timm are not
 needed. Twins take NCHW input and return logits only.
 
 ``TWINS`` maps a registered model name to a constructor
-``(num_classes, in_channels, stem) -> torch.nn.Module``. A new row (e.g. the
-AFNet teacher) is one entry.
+``(num_classes, in_channels, stem, input_size, **fields) -> torch.nn.Module``.
+A new benchmark row (e.g. the AFNet teacher) is one more entry.
 """
 from collections.abc import Callable, Mapping
 
@@ -164,6 +164,7 @@ class MetaBlock3D(nn.Module):
 
   def __init__(self, dim: int, spatial: tuple[int, int], mlp_ratio: int = 4):
     super().__init__()
+    # Registration order is timm 1.0's MetaBlock1d's, for load_reference_state_dict.
     self.norm1 = nn.LayerNorm(dim)
     self.attn = Attention(dim, spatial)
     self.ls1 = LayerScale(dim)
@@ -268,12 +269,23 @@ class MobileFaceNet(nn.Module):
     return self.heads(x.flatten(1))
 
 
+def _mobilenet_v2(num_classes, in_channels=3, stem="imagenet", input_size=224, **fields):
+  del input_size  # no size-dependent layers
+  return MobileNetV2(num_classes, in_channels, stem, **fields)
+
+
+def _efficientformer(variant: str) -> Callable[..., nn.Module]:
+  def build(num_classes, in_channels=3, stem="imagenet", input_size=224, **fields):
+    return EfficientFormer(num_classes, in_channels, stem, variant, input_size, **fields)
+  return build
+
+
+# name -> constructor(num_classes, in_channels, stem, input_size, **family fields);
+# input_size is the square input side, for layers sized from the final map.
 TWINS: Mapping[str, Callable[..., nn.Module]] = {
-    "mobilenet_v2": MobileNetV2,
-    "efficientformer_l1": lambda num_classes, in_channels=3, stem="imagenet", **kw:
-        EfficientFormer(num_classes, in_channels, stem, variant="l1", **kw),
-    "efficientformer_l3": lambda num_classes, in_channels=3, stem="imagenet", **kw:
-        EfficientFormer(num_classes, in_channels, stem, variant="l3", **kw),
+    "mobilenet_v2": _mobilenet_v2,
+    "efficientformer_l1": _efficientformer("l1"),
+    "efficientformer_l3": _efficientformer("l3"),
     "mobilefacenet": MobileFaceNet,
 }
 
@@ -328,3 +340,30 @@ def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()):
       yield from _flatten(value, prefix + (name,))
     else:
       yield prefix + (name,), value
+
+
+def load_reference_state_dict(model: nn.Module, reference: Mapping[str, torch.Tensor],
+                              skip: tuple[str, ...] = ()) -> None:
+  """Copies a reference implementation's weights into a twin, in order.
+
+  The twins register their tensors in the same order as torchvision's
+  ``mobilenet_v2`` and timm 1.0's ``efficientformer_l*``, so the i-th
+  reference tensor is the i-th twin tensor. A library version that orders them
+  differently fails the shape check. ``skip`` names reference keys (substrings)
+  that have no twin counterpart, e.g. timm's ``head_dist`` and
+  ``attention_bias_idxs``. ``num_batches_tracked`` counters are skipped as well.
+
+  Raises:
+    ValueError: the two lists differ in length or in a shape.
+  """
+  source = [(k, v) for k, v in reference.items()
+            if "num_batches_tracked" not in k and not any(s in k for s in skip)]
+  target = [k for k in model.state_dict() if "num_batches_tracked" not in k]
+  if len(source) != len(target):
+    raise ValueError(f"reference has {len(source)} tensors, twin {len(target)}")
+  state = model.state_dict()
+  for (source_key, value), key in zip(source, target):
+    if value.shape != state[key].shape:
+      raise ValueError(f"{source_key} {tuple(value.shape)} -> {key} {tuple(state[key].shape)}")
+    state[key] = value
+  model.load_state_dict(state)

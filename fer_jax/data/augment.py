@@ -1,21 +1,22 @@
 """Jitted training augmentation and evaluation preprocessing for face crops.
 
 Training (``augment``), per image, each draw from its own key:
-  1. synthetic occlusion with probability ``occlusion_prob``
-     (``occlusion.occlude(..., 'random')``), applied first because the occluder
-     geometry assumes an aligned crop;
+  1. synthetic occlusion with probability ``occlusion_prob`` (an occluder of
+     ``occlusion_kind``, by default 'random': a kind drawn per image), applied
+     first because the occluder geometry assumes an aligned crop;
   2. one affine resampling (bilinear) that combines a random resized crop
      (area fraction ``crop_scale``, width/height ratio ``crop_ratio``, as
-     torchvision's RandomResizedCrop but resized back to the input size), a
-     horizontal flip with probability 1/2 when ``flip`` and a rotation by
-     U(-``rotation_deg``, ``rotation_deg``) about the crop centre;
+     torchvision's RandomResizedCrop but resized back to the input size; a
+     side longer than the image is clamped to it, so the 0.8-1.2 FER2013
+     recipe works), a horizontal flip with probability 1/2 when ``flip`` and a
+     rotation by U(-``rotation_deg``, ``rotation_deg``) about the crop centre;
   3. random erasing (Zhong et al., "Random Erasing Data Augmentation", AAAI
      2020): with probability ``erase_prob`` a rectangle of area fraction
      U(``erase_area``) and aspect ratio log-U(``erase_ratio``) is filled with
      uniform random values;
   4. normalisation ``(x / 255 - mean) / std`` with per-channel ``mean``/``std``.
 
-The FER2013 recipes in docs/methods.md (crop 0.8-1.2, flip, +-10 degrees,
+The FER2013 recipes in the project's methods notes (crop 0.8-1.2, flip, +-10 degrees,
 random erasing) fix the defaults. Choices the papers leave open are fields:
 ``pad_mode`` ('edge' replicates border pixels where rotation or a crop leaves
 the image, so the empty corners do not look like occluders; 'zeros' is
@@ -46,6 +47,7 @@ def default_augment_config() -> ml_collections.ConfigDict:
       erase_area=(0.02, 0.2),
       erase_ratio=(0.3, 3.3),
       occlusion_prob=0.0,
+      occlusion_kind="random",
       pad_mode="edge",
       mean=(0.5,),
       std=(0.5,),
@@ -70,12 +72,17 @@ def _resolve(cfg: Mapping[str, Any] | ml_collections.ConfigDict | None
     if not 0 < lo <= hi:
       raise ValueError(f"augment config: {name} must be a range 0 < lo <= hi, "
                        f"got {(lo, hi)}")
-  if resolved.crop_scale[1] > 1 or resolved.erase_area[1] > 1:
-    raise ValueError("augment config: crop_scale and erase_area are fractions of "
-                     f"the image (<= 1), got {resolved.crop_scale}, {resolved.erase_area}")
+  if resolved.erase_area[1] > 1:
+    raise ValueError("augment config: erase_area is a fraction of the image (<= 1), "
+                     f"got {resolved.erase_area}")
+  if min(resolved.std) <= 0:
+    raise ValueError(f"augment config: std must be positive, got {resolved.std}")
   for name in ("erase_prob", "occlusion_prob"):
     if not 0 <= resolved[name] <= 1:
       raise ValueError(f"augment config: {name} must be in [0, 1], got {resolved[name]}")
+  if resolved.occlusion_kind not in occlusion.KINDS + ("random",):
+    raise ValueError(f"augment config: occlusion_kind must be one of "
+                     f"{occlusion.KINDS + ('random',)}, got {resolved.occlusion_kind!r}")
   if resolved.pad_mode not in ("edge", "zeros"):
     raise ValueError(f"augment config: pad_mode must be 'edge' or 'zeros', "
                      f"got {resolved.pad_mode!r}")
@@ -128,21 +135,20 @@ def _bilinear(image: jax.Array, src_y: jax.Array, src_x: jax.Array,
 
 def _random_affine(key, image, cfg):
   """Random resized crop + flip + rotation as one bilinear resampling."""
-  k_scale, k_ratio, k_y, k_x, k_flip, k_angle = jax.random.split(key, 6)
   height, width = image.shape[:2]
-  area = jax.random.uniform(k_scale, (), minval=cfg.crop_scale[0], maxval=cfg.crop_scale[1])
-  log_ratio = jax.random.uniform(k_ratio, (), minval=math.log(cfg.crop_ratio[0]),
-                                 maxval=math.log(cfg.crop_ratio[1]))
+  area, log_ratio, u_y, u_x, u_flip, angle = occlusion.draw_uniform(key, [
+      cfg.crop_scale, (math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])),
+      (0.0, 1.0), (0.0, 1.0), (0.0, 1.0), (-cfg.rotation_deg, cfg.rotation_deg)])
   crop_w = jnp.minimum(jnp.sqrt(area * jnp.exp(log_ratio)), 1.0)
   crop_h = jnp.minimum(jnp.sqrt(area / jnp.exp(log_ratio)), 1.0)
-  centre_y = height * (0.5 * crop_h + jax.random.uniform(k_y) * (1 - crop_h))
-  centre_x = width * (0.5 * crop_w + jax.random.uniform(k_x) * (1 - crop_w))
-  mirror = jnp.where(jax.random.bernoulli(k_flip), -1.0, 1.0) if cfg.flip else 1.0
-  angle = jnp.deg2rad(cfg.rotation_deg) * jax.random.uniform(k_angle, (), minval=-1.0)
-  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  centre_y = height * (0.5 * crop_h + u_y * (1 - crop_h))
+  centre_x = width * (0.5 * crop_w + u_x * (1 - crop_w))
+  mirror = jnp.where(u_flip < 0.5, -1.0, 1.0) if cfg.flip else 1.0
+  cos, sin = jnp.cos(jnp.deg2rad(angle)), jnp.sin(jnp.deg2rad(angle))
   # Output pixel centres relative to the output centre, scaled into the crop.
-  out_y = (jnp.arange(height, dtype=jnp.float32) + 0.5 - 0.5 * height)[:, None] * crop_h
-  out_x = (jnp.arange(width, dtype=jnp.float32) + 0.5 - 0.5 * width)[None, :] * crop_w * mirror
+  out_y = (jnp.arange(height, dtype=jnp.float32) + 0.5 - 0.5 * height)[:, None]
+  out_x = (jnp.arange(width, dtype=jnp.float32) + 0.5 - 0.5 * width)[None, :]
+  out_y, out_x = out_y * crop_h, out_x * crop_w * mirror
   src_y = centre_y + sin * out_x + cos * out_y - 0.5
   src_x = centre_x + cos * out_x - sin * out_y - 0.5
   return _bilinear(image, src_y, src_x, cfg.pad_mode)
@@ -150,21 +156,21 @@ def _random_affine(key, image, cfg):
 
 def _random_erase(key, image, cfg):
   """Zhong et al.'s random erasing on one float image in [0, 255]."""
-  k_apply, k_area, k_ratio, k_y, k_x, k_fill = jax.random.split(key, 6)
+  k_shape, k_fill = jax.random.split(key)
   height, width = image.shape[:2]
-  area = jax.random.uniform(k_area, (), minval=cfg.erase_area[0], maxval=cfg.erase_area[1])
-  ratio = jnp.exp(jax.random.uniform(k_ratio, (), minval=math.log(cfg.erase_ratio[0]),
-                                     maxval=math.log(cfg.erase_ratio[1])))
+  u_apply, area, log_ratio, u_y, u_x = occlusion.draw_uniform(k_shape, [
+      (0.0, 1.0), cfg.erase_area,
+      (math.log(cfg.erase_ratio[0]), math.log(cfg.erase_ratio[1])), (0.0, 1.0), (0.0, 1.0)])
   # Zhong et al. redraw boxes that do not fit; clamping to the image is the
   # loop-free equivalent that keeps the box inside.
-  box_h = jnp.clip(jnp.round(height * jnp.sqrt(area * ratio)), 1, height)
-  box_w = jnp.clip(jnp.round(width * jnp.sqrt(area / ratio)), 1, width)
-  top = jnp.floor(jax.random.uniform(k_y) * (height - box_h + 1))
-  left = jnp.floor(jax.random.uniform(k_x) * (width - box_w + 1))
+  box_h = jnp.clip(jnp.round(height * jnp.sqrt(area * jnp.exp(log_ratio))), 1, height)
+  box_w = jnp.clip(jnp.round(width * jnp.sqrt(area / jnp.exp(log_ratio))), 1, width)
+  top = jnp.floor(u_y * (height - box_h + 1))
+  left = jnp.floor(u_x * (width - box_w + 1))
   rows = jnp.arange(height)[:, None]
   cols = jnp.arange(width)[None, :]
   inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
-  inside &= jax.random.bernoulli(k_apply, cfg.erase_prob)
+  inside &= u_apply < cfg.erase_prob
   fill = jax.random.uniform(k_fill, image.shape, maxval=255.0)
   return jnp.where(inside[..., None], fill, image)
 
@@ -173,7 +179,7 @@ def augment(key: jax.Array, images: jax.Array, cfg=None) -> jax.Array:
   """Training augmentation: uint8 ``[B, H, W, C]`` -> normalised float32, same size.
 
   Args:
-    key: PRNG key for the batch; image ``b`` uses ``split(key, B)[b]``.
+    key: PRNG key for the batch, split per image inside.
     images: uint8 NHWC, C in {1, 3}.
     cfg: ConfigDict or dict overriding ``default_augment_config()`` fields.
   """
@@ -181,7 +187,7 @@ def augment(key: jax.Array, images: jax.Array, cfg=None) -> jax.Array:
   cfg = _resolve(cfg)
   k_occlude, k_apply, k_images = jax.random.split(key, 3)
   if cfg.occlusion_prob > 0:
-    occluded = occlusion.occlude(k_occlude, images, "random")
+    occluded = occlusion.occlude(k_occlude, images, cfg.occlusion_kind)
     chosen = occlusion.like_batch(
         jax.random.bernoulli(k_apply, cfg.occlusion_prob, images.shape[:1]), images)
     images = jnp.where(chosen[:, None, None, None], occluded, images)

@@ -1,15 +1,19 @@
 """Synthetic occluders for aligned face crops, and the fixed occluded-test protocol.
 
-Occlusion-robust FER is evaluated on real occlusion subsets (Occlusion-RAF-DB /
--FERPlus / -AffectNet of Wang et al., "Region Attention Networks for Pose and
-Occlusion Robust Facial Expression Recognition", TIP 2020) and on synthetic
-occluders pasted on clean test sets: random blocks (e.g. Li et al., "Occlusion
-Aware Facial Expression Recognition Using CNN With Attention Mechanism", TIP
-2019), eye bars / sunglasses and surgical masks (the mask and eye stress tests
-summarised in docs/occlusion_protocol.md). The papers do not publish their
-occluder geometry, so every shape here is a reconstruction: the fractions are
-measured on the FER2013 mean face (eyes at 0.365 H, nose tip 0.52 H, mouth 0.80 H
-of the 48 px crop) and every one of them is a field of ``Geometry``.
+Occlusion-robust FER (the setting of Chen et al., "Lightweight expression
+recognition combined attention fusion network with hybrid knowledge
+distillation for occluded e-learner facial images", Neurocomputing 2025) is
+evaluated on real occlusion subsets (Occlusion-RAF-DB / -FERPlus / -AffectNet
+of Wang et al., "Region Attention Networks for Pose and Occlusion Robust Facial
+Expression Recognition", TIP 2020) and on synthetic occluders pasted on clean
+test sets: random blocks over a fixed area fraction, eye bars / sunglasses and
+face masks (e.g. the mask/eye stress test of ResidualMaskingNet on FER2013,
+PMC9374580 Table 4). Their occluder geometry is not available to us, so every
+shape here is a reconstruction [INFERRED]: the fractions are read off the
+FER2013 mean face (eye row 0.365 H, nose highlight 0.50 H, nostrils 0.65 H,
+mouth 0.80 H of the 48 px crop) and every one of them is a field of
+``Geometry``.
+docs/occlusion_protocol.md gives the full protocol.
 
 Kinds (``KINDS``):
   * ``'eyes'``: a dark rounded band (eye bar / sunglasses) across the eye row,
@@ -82,13 +86,24 @@ class Geometry:
   num_blocks: int = 2
   block_aspect: tuple[float, float] = (1 / 3, 3.0)
   block_fill: str = "black"
-  # Hand: size relative to the default hand, probability of a side (cheek)
-  # placement instead of over the mouth, texture noise amplitude.
+  # Hand: size relative to the default hand (_HAND_ELLIPSES); palm centre over
+  # the mouth (fingers up) or, with probability hand_side_prob, at a cheek
+  # (palm hand_side_x from the left or right edge, fingers pointing inwards);
+  # random turn of the fingers; texture noise amplitude.
   hand_scale: tuple[float, float] = (0.9, 1.15)
+  hand_lower_y: tuple[float, float] = (0.86, 0.98)
+  hand_lower_x: tuple[float, float] = (0.38, 0.62)
   hand_side_prob: float = 0.5
+  hand_side_y: tuple[float, float] = (0.55, 0.70)
+  hand_side_x: float = 0.06
+  hand_turn_deg: float = 25.0
   hand_noise: float = 0.06
 
   def __post_init__(self):
+    # Ranges from configs arrive as lists; the jit cache needs hashable fields.
+    for field in dataclasses.fields(self):
+      if isinstance(getattr(self, field.name), list):
+        object.__setattr__(self, field.name, tuple(getattr(self, field.name)))
     if self.block_fill not in ("black", "noise"):
       raise ValueError(f"Geometry.block_fill must be 'black' or 'noise', "
                        f"got {self.block_fill!r}")
@@ -97,7 +112,7 @@ class Geometry:
     if self.num_blocks < 1:
       raise ValueError(f"Geometry.num_blocks must be >= 1, got {self.num_blocks}")
     for name in ("eye_height", "eye_shade", "mask_top_curve", "block_aspect",
-                 "hand_scale"):
+                 "hand_scale", "hand_lower_y", "hand_lower_x", "hand_side_y"):
       lo, hi = getattr(self, name)
       if lo > hi:
         raise ValueError(f"Geometry.{name} must be a (lo, hi) range with lo <= hi, "
@@ -136,20 +151,25 @@ def _colour(rgb: jax.Array, channels: int) -> jax.Array:
   return rgb
 
 
-def _uniform(key, bounds, shape=()):
-  lo, hi = bounds
-  return jax.random.uniform(key, shape, minval=lo, maxval=hi)
+def draw_uniform(key: jax.Array, ranges) -> jax.Array:
+  """One uniform value per ``(lo, hi)`` in ``ranges``, from a single draw.
+
+  Every separate random draw compiles its own threefry hash; drawing all of a
+  painter's scalars at once halves its compile time.
+  """
+  lo, hi = jnp.asarray(ranges, jnp.float32).T
+  return lo + (hi - lo) * jax.random.uniform(key, (len(ranges),))
 
 
 def _paint_eyes(key, side, channels, g: Geometry):
-  k_y, k_x, k_h, k_tilt, k_shade = jax.random.split(key, 5)
+  dy, dx, height, tilt, shade = draw_uniform(key, [
+      (-g.eye_jitter_y, g.eye_jitter_y), (-g.eye_jitter_x, g.eye_jitter_x),
+      g.eye_height, (-g.eye_tilt_deg, g.eye_tilt_deg), g.eye_shade])
   y, x = _pixel_grid(side)
-  centre_y = side * (g.eye_center_y + _uniform(k_y, (-g.eye_jitter_y, g.eye_jitter_y)))
-  centre_x = side * (0.5 + _uniform(k_x, (-g.eye_jitter_x, g.eye_jitter_x)))
-  half_height = 0.5 * side * _uniform(k_h, g.eye_height)
+  half_height = 0.5 * side * height
   half_width = 0.5 * side * g.eye_width
-  tilt = math.radians(g.eye_tilt_deg) * _uniform(k_tilt, (-1.0, 1.0))
-  along, across = _rotate(y, x, centre_y, centre_x, tilt)
+  along, across = _rotate(y, x, side * (g.eye_center_y + dy), side * (0.5 + dx),
+                          jnp.deg2rad(tilt))
   # Rounded-box signed distance; rounding the ends by most of the half height
   # makes the band read as glasses rather than a censor bar.
   radius = 0.8 * half_height
@@ -157,26 +177,24 @@ def _paint_eyes(key, side, channels, g: Geometry):
   qy = jnp.abs(across) - (half_height - radius)
   outside = jnp.hypot(jnp.maximum(qx, 0.0), jnp.maximum(qy, 0.0))
   distance = outside + jnp.minimum(jnp.maximum(qx, qy), 0.0) - radius
-  shade = _uniform(k_shade, g.eye_shade)
-  paint = jnp.broadcast_to(shade, (side, side, channels))
-  return _inside(distance), paint
+  return _inside(distance), jnp.broadcast_to(shade, (side, side, channels))
 
 
 def _paint_mouth(key, side, channels, g: Geometry):
-  k_y, k_x, k_curve, k_tint, k_shade = jax.random.split(key, 5)
+  dy, dx, curve, tint, shade = draw_uniform(key, [
+      (-g.mask_jitter_y, g.mask_jitter_y), (-g.mask_jitter_x, g.mask_jitter_x),
+      g.mask_top_curve, (0.0, 1.0), (0.92, 1.0)])
   y, x = _pixel_grid(side)
-  centre_x = side * (0.5 + _uniform(k_x, (-g.mask_jitter_x, g.mask_jitter_x)))
+  centre_x = side * (0.5 + dx)
   half_width = 0.5 * side * g.mask_width
   lateral = (x - centre_x) / half_width  # -1 .. 1 across the mask
-  top = side * (g.mask_top_y + _uniform(k_y, (-g.mask_jitter_y, g.mask_jitter_y))
-                + _uniform(k_curve, g.mask_top_curve) * lateral**2)
+  top = side * (g.mask_top_y + dy + curve * lateral**2)
   bottom = side * (g.mask_bottom_y - g.mask_bottom_curve * lateral**2)
   distance = jnp.maximum(jnp.maximum(top - y, y - bottom),
                          jnp.abs(x - centre_x) - half_width)
   # Pale blue to white, as surgical masks come; pleats darken a few rows.
-  tint = _uniform(k_tint, (0.0, 1.0))
-  rgb = tint * jnp.array([0.80, 0.88, 0.95]) + (1 - tint) * jnp.array([0.94, 0.94, 0.94])
-  rgb = rgb * _uniform(k_shade, (0.92, 1.0))
+  rgb = shade * (tint * jnp.array([0.80, 0.88, 0.95])
+                 + (1 - tint) * jnp.array([0.94, 0.94, 0.94]))
   depth = jnp.clip((y - top) / jnp.maximum(bottom - top, 1.0), 0.0, 1.0)
   pleats = 1.0 - 0.06 * (0.5 + 0.5 * jnp.cos(2 * jnp.pi * g.mask_pleats * depth))
   paint = _colour(rgb * pleats[..., None], channels)
@@ -184,28 +202,29 @@ def _paint_mouth(key, side, channels, g: Geometry):
 
 
 def _paint_blocks(key, side, channels, g: Geometry):
-  k_axis, k_aspect, k_pos_along, k_pos_across, k_noise = jax.random.split(key, 5)
   n = g.num_blocks
+  k_shape, k_noise = jax.random.split(key)
+  log_aspect = (math.log(g.block_aspect[0]), math.log(g.block_aspect[1]))
+  u = draw_uniform(k_shape, [(0.0, 1.0)] * (1 + 2 * n) + [log_aspect] * n)
+  transpose = u[0] < 0.5
+  u_along, u_across, aspect = u[1:1 + n], u[1 + n:1 + 2 * n], jnp.exp(u[1 + 2 * n:])
   strip = side // n
   block_pixels = g.block_area * side * side / n
   # aspect = extent along the strip axis / extent across it; clamping one extent
   # to its strip and recomputing the other keeps the area.
-  log_lo, log_hi = math.log(g.block_aspect[0]), math.log(g.block_aspect[1])
-  aspect = jnp.exp(_uniform(k_aspect, (log_lo, log_hi), (n,)))
   along = jnp.minimum(jnp.sqrt(block_pixels * aspect), strip)
   across = jnp.minimum(block_pixels / along, side)
   along = jnp.minimum(block_pixels / across, strip)
   along = jnp.clip(jnp.round(along), 1, strip)
   across = jnp.clip(jnp.round(across), 1, side)
-  start_along = jnp.arange(n) * strip + jnp.floor(
-      jax.random.uniform(k_pos_along, (n,)) * (strip - along + 1))
-  start_across = jnp.floor(jax.random.uniform(k_pos_across, (n,)) * (side - across + 1))
+  start_along = jnp.arange(n) * strip + jnp.floor(u_along * (strip - along + 1))
+  start_across = jnp.floor(u_across * (side - across + 1))
   index = jnp.arange(side, dtype=jnp.float32)
   in_along = (index >= start_along[:, None]) & (index < (start_along + along)[:, None])
   in_across = (index >= start_across[:, None]) & (index < (start_across + across)[:, None])
   # [n, side] x [n, side] -> [side(across = rows), side(along = cols)]
   coverage = jnp.any(in_across[:, :, None] & in_along[:, None, :], axis=0)
-  coverage = jnp.where(jax.random.bernoulli(k_axis), coverage, coverage.T)
+  coverage = jnp.where(transpose, coverage.T, coverage)
   if g.block_fill == "noise":
     paint = jax.random.uniform(k_noise, (side, side, channels))
   else:
@@ -227,23 +246,23 @@ _HAND_ELLIPSES = (
 
 
 def _paint_hand(key, side, channels, g: Geometry):
-  (k_side, k_left, k_pos_y, k_pos_x, k_angle, k_scale, k_flip, k_tone,
-   k_noise) = jax.random.split(key, 9)
+  k_shape, k_noise = jax.random.split(key)
+  (u_side, u_left, lower_y, lower_x, side_y, turn, scale, u_flip,
+   tone) = draw_uniform(k_shape, [
+       (0.0, 1.0), (0.0, 1.0), g.hand_lower_y, g.hand_lower_x, g.hand_side_y,
+       (-g.hand_turn_deg, g.hand_turn_deg), g.hand_scale, (0.0, 1.0), (0.0, 1.0)])
   y, x = _pixel_grid(side)
   # Over the mouth: the palm sits on the lower face, fingers up. On a cheek:
   # the palm is at the image edge, fingers pointing in and slightly up.
-  on_side = jax.random.bernoulli(k_side, g.hand_side_prob)
-  left = jax.random.bernoulli(k_left)
-  lower_y, lower_x = _uniform(k_pos_y, (0.86, 0.98)), 0.5 + _uniform(k_pos_x, (-0.12, 0.12))
-  side_y, side_x = _uniform(k_pos_y, (0.55, 0.70)), jnp.where(left, 0.06, 0.94)
-  wobble = _uniform(k_angle, (-25.0, 25.0))
-  side_angle = jnp.where(left, -20.0, -160.0) + wobble
+  on_side, left = u_side < g.hand_side_prob, u_left < 0.5
+  side_x = jnp.where(left, g.hand_side_x, 1 - g.hand_side_x)
+  side_angle = jnp.where(left, -20.0, -160.0) + turn
   centre_y = side * jnp.where(on_side, side_y, lower_y)
   centre_x = side * jnp.where(on_side, side_x, lower_x)
-  angle = jnp.deg2rad(jnp.where(on_side, side_angle, -90.0 + wobble))
-  scale = side * _uniform(k_scale, g.hand_scale)
+  angle = jnp.deg2rad(jnp.where(on_side, side_angle, -90.0 + turn))
+  scale = side * scale
   # Left or right hand: mirror the thumb side.
-  handedness = jnp.where(jax.random.bernoulli(k_flip), 1.0, -1.0)
+  handedness = jnp.where(u_flip < 0.5, 1.0, -1.0)
 
   along, across = _rotate(y, x, centre_y, centre_x, angle)
   across = across * handedness
@@ -257,7 +276,6 @@ def _paint_hand(key, side, channels, g: Geometry):
   coverage = jnp.max(_inside(distance), axis=0)
 
   # Skin tones from light to dark, shaded towards each ellipse's rim.
-  tone = _uniform(k_tone, (0.0, 1.0))
   rgb = (1 - tone) * jnp.array([0.93, 0.78, 0.67]) + tone * jnp.array([0.45, 0.30, 0.22])
   shading = 1.0 - 0.18 * jnp.clip(jnp.min(radius, axis=0), 0.0, 1.0)**2
   # Noise drawn on a coarse grid and upsampled reads as skin texture; per-pixel

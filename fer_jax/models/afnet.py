@@ -17,11 +17,14 @@ field so that it can be ablated:
   for facial expression recognition", Biomimetics 2023): each head is a spatial
   attention (1x1 reduction, then 3x3 + 1x3 + 3x1 convs summed over channels
   into one map) followed by a squeeze-excitation channel attention, giving one
-  map and one region feature per head. RAN's self-attention (Wang et al.,
-  "Region attention networks for pose and occlusion robust facial expression
-  recognition", TIP 2020) scores each region with one shared
-  ``mu_k = sigmoid(w^T f_k + b)`` and scores the whole face (the pooled last
-  map) with the same ``w`` as ``mu_0``; the local feature is RAN's weighted mean
+  map and one region feature per head. Unlike DAN, each map is normalised to
+  sum to 1 over positions, so a region feature is an attention-weighted mean
+  of the last map on the same scale as the whole-face mean. RAN's
+  self-attention (Wang et al., "Region attention networks for pose and
+  occlusion robust facial expression recognition", TIP 2020) scores each
+  region with one shared ``mu_k = sigmoid(w^T f_k + b)`` and scores the whole
+  face (the pooled last map) with the same ``w`` as ``mu_0``; the local
+  feature is RAN's weighted mean
   ``sum_k mu_k f_k / sum_k mu_k``, so a region the model finds unreliable (for
   example occluded) contributes little. RAN's relation attention is left out.
   The regions are learned attention maps rather than RAN's fixed crops: at
@@ -41,6 +44,10 @@ field so that it can be ablated:
   ``embed_dim``; the projections are concatenated, summed, or averaged with
   per-sample softmax weights over branches (``'attention'``, scored by a
   shared ``v^T tanh(e_b)``), then dropout and the classifier.
+
+The backbone is any registered model with the pyramid stages in its aux; its
+own classifier is built (the contract requires one) but not used, so its
+parameters get no gradient.
 """
 from typing import Any, Mapping, Sequence
 
@@ -54,6 +61,7 @@ from fer_jax.models.base import MODELS
 FUSIONS = ("concat", "sum", "attention")
 REGION_LOSSES = ("partition", "region_biased", "none")
 PYRAMID_NAMES = ("fpn_p3", "fpn_p4", "fpn_p5")
+_EPSILON = 1e-6
 
 
 def partition_loss(head_features: jax.Array) -> jax.Array:
@@ -130,7 +138,11 @@ class RegionAttention(nn.Module):
     maps, features = [], []
     for k in range(self.num_regions):
       att = SpatialAttention(name=f"spatial{k}")(x, train)
-      pooled = jnp.mean(x * att[..., None], axis=(1, 2))
+      # DAN pools x * att unnormalised; with att a sum over C channels that
+      # makes region features ~C times the whole-face mean and saturates the
+      # sigmoid weights. Normalised, a region feature is a weighted mean.
+      att = att / (jnp.sum(att, axis=(1, 2), keepdims=True) + _EPSILON)
+      pooled = jnp.sum(x * att[..., None], axis=(1, 2))
       maps.append(att)
       features.append(ChannelAttention(name=f"channel{k}")(pooled, train))
     region_features = jnp.stack(features, axis=1)
@@ -191,9 +203,13 @@ class BranchFusion(nn.Module):
   features: int
 
   @nn.compact
-  def __call__(self, branches: Mapping[str, jax.Array]) -> jax.Array:
+  def __call__(self, branches: Mapping[str, jax.Array], train: bool) -> jax.Array:
+    # Each projection is BatchNorm + ReLU, like a backbone's pooled features:
+    # the FPN and region features are not normalised, and raw linear
+    # projections of them made SGD at the usual rates (0.05-0.1) diverge.
     projected = [
-        nn.Dense(self.features, name=f"project_{name}")(feature)
+        nn.relu(layers.batch_norm(train, name=f"norm_{name}")(
+            nn.Dense(self.features, use_bias=False, name=f"project_{name}")(feature)))
         for name, feature in branches.items()
     ]
     if self.mode == "concat":
@@ -223,13 +239,20 @@ class AFNet(nn.Module):
     num_regions: region attention heads; 0 disables the local branch.
     region_loss: ``'partition'``, ``'region_biased'`` or ``'none'``; exposed as
       ``aux['region_loss']``.
-    region_margin: RAN's margin ``alpha`` of the region-biased loss.
+    region_margin: RAN's margin ``alpha`` of the region-biased loss (0.02 is
+      RAN's value as recalled, not checked against the paper).
     channel_mask_keep: keep probability of the channel mask; 1.0 disables the
       masked-channel branch.
     fusion: ``'concat'``, ``'sum'`` or ``'attention'``.
     embed_dim: width of each projected branch feature.
     dropout_rate: dropout before the classifier (own choice; the paper's value
       is not public).
+
+  ``aux`` holds the backbone's 'stem' and stage maps, 'fpn_p3'..'fpn_p5'
+  (with ``use_fpn``), 'att_map' ``[B, H, W, K]`` (each head's map, summing to
+  1 over positions), 'region_weights' ``[B, K]`` (``mu_k``) and 'region_loss'
+  (with regions and a region loss), 'embedding' (the fused feature) and 'va'
+  (with ``num_va``).
   """
   num_classes: int
   num_va: int = 0
@@ -310,7 +333,7 @@ class AFNet(nn.Module):
           self.channel_mask_keep, name="masked_channels")(last, train)
 
     embedding = BranchFusion(self.fusion, self.embed_dim, name="fusion")(
-        branches)
+        branches, train)
     logits, extras = layers.Heads(
         self.num_classes, self.num_va, self.dropout_rate, name="heads")(
             embedding, train)

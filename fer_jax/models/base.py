@@ -12,7 +12,8 @@ Contract (every registered model):
     ``'embedding'`` (pooled pre-logit features ``[B, D]``), family extras such as
     ``'fpn_p3'`` or ``'att_map'``, and ``'va'`` (``[B, num_va]`` valence/arousal,
     unbounded) when ``num_va > 0``; a scalar entry whose name ends in ``'_loss'``
-    is a regulariser the model asks the trainer to minimise;
+    is a regulariser the model offers (AFNet's ``'region_loss'``), which a
+    config adds with an ``aux_loss`` term and a weight of its choosing;
   * BatchNorm statistics live in the ``'batch_stats'`` collection and every
     random draw (dropout, channel masks) uses the ``'dropout'`` RNG stream.
 """

@@ -24,6 +24,11 @@ from fer_jax.models.base import MODELS
 class VGGFer(nn.Module):
   """VGG variant for FER2013.
 
+  ``aux``: 'stage1'..'stage4' (each stage's map after its max-pool, so
+  'stage4' is the map that is flattened), 'embedding' (the second hidden FC
+  layer after ReLU, the classifier's input) and 'va' when ``num_va > 0`` (a
+  Dense head beside the classifier, not in the paper).
+
   Attributes:
     num_classes: classifier width.
     num_va: width of the valence/arousal head (0 = none), on the embedding.

@@ -84,12 +84,15 @@ def count(name: str, input_shape: tuple[int, int, int],
     xla_cost = jax.jit(forward).lower(variables, image).cost_analysis()
   if isinstance(xla_cost, (list, tuple)):  # older jax: one dict per device
     xla_cost = xla_cost[0]
-  return {
+  result = {
       "params": sum(math.prod(leaf.shape)
                     for leaf in jax.tree.leaves(variables.get("params", {}))),
       "macs": jaxpr_macs(closed_jaxpr.jaxpr),
-      "xla_flops": int(xla_cost["flops"]),
   }
+  # Some backends (seen on GPU) give no cost analysis of a lowered module.
+  if xla_cost and "flops" in xla_cost:
+    result["xla_flops"] = int(xla_cost["flops"])
+  return result
 
 
 def jaxpr_macs(jaxpr: jax_core.Jaxpr) -> int:
@@ -144,13 +147,16 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  input_shape = parse_input_shape(flags.FLAGS.input)
+  try:
+    input_shape = parse_input_shape(flags.FLAGS.input)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   result = count(flags.FLAGS.model, input_shape,
                  num_classes=flags.FLAGS.num_classes)
   print(f"{flags.FLAGS.model} @ {flags.FLAGS.input}: "
         f"{result['params'] / 1e6:.3f} M params, "
         f"{result['macs'] / 1e9:.3f} G MACs (conv + matmul), "
-        f"XLA flops / 2 = {result['xla_flops'] / 2e9:.3f} G")
+        f"XLA flops / 2 = {result.get('xla_flops', float('nan')) / 2e9:.3f} G")
   print(json.dumps({"params": result["params"], "macs": result["macs"]}))
 
 

@@ -4,11 +4,12 @@ TFDS builder.
 
 The official release: ``training.csv`` / ``validation.csv`` (columns
 ``subDirectory_filePath, face_x, face_y, face_width, face_height,
-facial_landmarks, expression, valence, arousal``) and the images under
-``Manually_Annotated_Images/``. Expressions 0..7 follow ``classes.AFFECTNET8``;
-8..10 (none, uncertain, non-face) are dropped, and so is 7 (contempt) in the
-7-class configs. Splits train / validation (the official test set is not
-public) plus the RAN occlusion and pose lists, which are subsets of validation.
+facial_landmarks, expression, valence, arousal``; the released validation.csv
+has no header line) and the images under ``Manually_Annotated_Images/``.
+Expressions 0..7 follow ``classes.AFFECTNET8``; 8..10 (none, uncertain,
+non-face) are dropped, and so is 7 (contempt) in the 7-class configs. Splits
+train / validation (the official test set is not public) plus the RAN
+occlusion and pose lists, which are subsets of validation.
 
 Reconstruction choices (the papers do not fix them; each is a config field):
 the face is cut as a square of side ``crop_scale * max(face_width,
@@ -18,9 +19,9 @@ resized to ``image_size``. ``cleaned`` applies EmoNet's consistency filter
 agrees with its valence v and arousal a (intensity = sqrt(v^2 + a^2)): neutral
 needs intensity < 0.2; happy v > 0; sad v < 0; surprise a > 0; fear a >= 0 and
 v <= 0; anger a > 0; contempt v < 0; each of those with intensity > 0.2, and
-disgust needs v < 0 and intensity > 0.3. Rows with a column
-``expression_correct`` that is false are dropped too (EmoNet's own lists have
-it; the official csv does not). The filter applies to every split.
+disgust needs v < 0 and intensity > 0.3. It also drops rows whose column
+``expression_correct`` is false (EmoNet's own lists have that column; the
+official csv does not). The filter applies to every split.
 """
 import dataclasses
 import math
@@ -171,10 +172,10 @@ class Affectnet(tfds.core.GeneratorBasedBuilder):
 
   def _keep(self, row: _Row) -> bool:
     config = self.builder_config
-    if row.expression >= config.num_classes or not row.expression_correct:
+    if row.expression >= config.num_classes:
       return False
-    return not config.cleaned or emonet_consistent(row.expression, row.valence,
-                                                   row.arousal)
+    return not config.cleaned or (row.expression_correct and emonet_consistent(
+        row.expression, row.valence, row.arousal))
 
   def _split_generators(self, dl_manager):
     manual_dir = pathlib.Path(dl_manager.manual_dir)

@@ -52,14 +52,17 @@ Optionally fer2013new.csv (FER+ votes, row-aligned with fer2013.csv)."""
 class Fer2013Table:
   """All FER2013 images of one download, in its row order.
 
-  ``index`` is the fer2013.csv row (-1 where unknown: Kaggle folders, npz rows
-  with ``row_known == False``); ``votes`` are the FER+ votes (-1 where unknown);
-  ``names`` the FER+ image names ('' where none); ``keys`` unique record keys.
+  ``index`` is the record's position in the download (csv row or npz index;
+  -1 for Kaggle folders); ``csv_row`` the fer2013.csv row (-1 where unknown:
+  Kaggle folders, npz rows with ``row_known == False``); ``votes`` the FER+
+  votes (-1 where unknown); ``names`` the FER+ image names ('' where none);
+  ``keys`` unique record keys.
   """
   pixels: np.ndarray
   emotion: np.ndarray
   usage: np.ndarray
   index: np.ndarray
+  csv_row: np.ndarray
   votes: np.ndarray
   names: np.ndarray
   keys: list[str]
@@ -93,15 +96,18 @@ def read_csv_table(path: pathlib.Path) -> Fer2013Table:
     emotion.append(label)
     usage.append(USAGES.index(row["Usage"]))
   n = len(emotion)
+  if not n:
+    raise common.DataError(f"{path}: holds no data rows")
   return Fer2013Table(
-      pixels=np.stack(pixels) if n else np.zeros((0, *IMAGE_SHAPE[:2]), np.uint8),
+      pixels=np.stack(pixels),
       emotion=np.array(emotion, np.int64), usage=np.array(usage, np.int64),
-      index=np.arange(n, dtype=np.int64), votes=_unknown_votes(n),
+      index=np.arange(n, dtype=np.int64), csv_row=np.arange(n, dtype=np.int64),
+      votes=_unknown_votes(n),
       names=np.full(n, "", object), keys=[str(i) for i in range(n)])
 
 
 def read_npz_table(path: pathlib.Path) -> Fer2013Table:
-  """Reads the packed fer2013.npz; rows with ``row_known == False`` get index -1."""
+  """Reads the packed fer2013.npz; rows with ``row_known == False`` get csv_row -1."""
   with np.load(path) as data:
     required = ("pixels", "emotion", "usage", "row_known", "ferplus_name",
                 "ferplus_votes")
@@ -129,7 +135,8 @@ def read_npz_table(path: pathlib.Path) -> Fer2013Table:
   return Fer2013Table(
       pixels=arrays["pixels"], emotion=arrays["emotion"].astype(np.int64),
       usage=arrays["usage"].astype(np.int64),
-      index=np.where(known, np.arange(n), -1).astype(np.int64), votes=votes,
+      index=np.arange(n, dtype=np.int64),
+      csv_row=np.where(known, np.arange(n), -1).astype(np.int64), votes=votes,
       names=np.where(known, arrays["ferplus_name"], "").astype(object),
       keys=[str(i) for i in range(n)])
 
@@ -161,6 +168,7 @@ def read_kaggle_table(root: pathlib.Path) -> Fer2013Table:
   return Fer2013Table(
       pixels=np.stack(pixels), emotion=np.array(emotion, np.int64),
       usage=np.array(usage, np.int64), index=np.full(n, -1, np.int64),
+      csv_row=np.full(n, -1, np.int64),
       votes=_unknown_votes(n), names=np.full(n, "", object), keys=keys)
 
 
@@ -202,15 +210,15 @@ def read_ferplus_csv(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def attach_ferplus_csv(table: Fer2013Table, path: pathlib.Path) -> None:
   """Copies FER+ names and votes of fer2013new.csv onto the rows of known csv position."""
-  known = np.flatnonzero(table.index >= 0)
+  known = np.flatnonzero(table.csv_row >= 0)
   if not known.size:
     return
   usage, names, votes = read_ferplus_csv(path)
-  if table.index[known].max() >= len(usage):
+  if table.csv_row[known].max() >= len(usage):
     raise common.DataError(
         f"{path}: has {len(usage)} rows; expected one per fer2013.csv row "
-        f"({table.index[known].max() + 1} or more)")
-  rows = table.index[known]
+        f"({table.csv_row[known].max() + 1} or more)")
+  rows = table.csv_row[known]
   mismatch = np.flatnonzero(usage[rows] != table.usage[known])
   if mismatch.size:
     row = rows[mismatch[0]]
@@ -233,7 +241,8 @@ class Fer2013(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=("FER2013: 48x48 grey faces, 7 expressions; splits "
                      "train/public_test/private_test = Training/PublicTest/"
-                     "PrivateTest. 'index' is the fer2013.csv row (-1 unknown), "
+                     "PrivateTest. 'index' is the fer2013.csv row or npz index "
+                     "(-1 for Kaggle image folders), "
                      "'ferplus_votes' the FER+ votes (-1 unknown)."),
         features=tfds.features.FeaturesDict({
             "image": common.image_feature(IMAGE_SHAPE, "raw"),

@@ -156,14 +156,13 @@ def _read_label_csvs(paths: list[pathlib.Path]) -> dict[str, np.ndarray]:
 def read_votes(manual_dir: pathlib.Path) -> fer2013.Fer2013Table:
   """The FER2013 table of ``manual_dir`` with FER+ names and votes filled in."""
   table = fer2013.read_table(manual_dir)
-  if not (table.index >= 0).any():
+  if not (table.csv_row >= 0).any():
     raise FileNotFoundError(
         f"{manual_dir}: FER+ needs fer2013.csv or fer2013.npz pixels, whose rows "
         f"can be joined with the votes (Kaggle image folders cannot); expected:\n{LAYOUTS}")
   new_csv = common.find(manual_dir, "fer2013new.csv")
   label_csvs = [common.find(manual_dir, p) for p in _LABEL_CSVS]
   if new_csv is not None:
-    table.votes[:] = -1
     fer2013.attach_ferplus_csv(table, new_csv)
   elif all(label_csvs):
     named = np.flatnonzero(table.names != "")
@@ -236,4 +235,4 @@ class Ferplus(tfds.core.GeneratorBasedBuilder):
     for key, i, target in entries:
       yield key, {"image": table.pixels[i][..., None],
                   "label": int(np.argmax(target)), "soft_label": target,
-                  "votes": table.votes[i], "index": table.index[i]}
+                  "votes": table.votes[i], "index": table.csv_row[i]}

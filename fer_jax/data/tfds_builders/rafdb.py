@@ -83,6 +83,8 @@ class Rafdb(tfds.core.GeneratorBasedBuilder):
       raise FileNotFoundError(f"no {_LABEL_FILE} in {manual_dir}; expected:\n{LAYOUTS}")
     image_dir = label_path.parent.parent / "Image" / "aligned"
     entries = read_labels(label_path)
+    if not entries:
+      raise common.DataError(f"{label_path}: holds no labels")
     numbers = {stem: number for _, stem, _, number in entries}
     splits = {
         split: self._generate_examples(

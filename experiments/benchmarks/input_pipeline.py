@@ -1,0 +1,310 @@
+"""Is the input pipeline ever the bottleneck? Input paths against the train step.
+
+On FER2013 (28,709 training images, 48x48x1), at one batch size, it measures
+images/s for:
+
+  * device-resident input: a jitted ``sample_batch`` + ``augment`` (the
+    input half of the fused step in ``fer_jax.steps``: the training set lives on
+    the device, the batch is drawn and augmented there);
+  * Grain streaming: ``fer_jax.data.streaming.batches`` over the
+    ``tfds.data_source`` split, each host batch turned into global arrays with
+    ``to_global``, for each ``--read_threads`` count (Grain's prefetch threads
+    in ``ReadOptions``). The streamed step augments on the device, so these
+    rows only deliver uint8 batches. ``streaming.batches`` takes no
+    multiprocess worker count, so worker processes are not measured;
+  * the consumers: the MKD student step (AFNet teacher forward, MobileNetV2
+    forward and backward, CE + KD + MKD, SGD update) and the AFNet teacher step,
+    built as ``train.Phase.train`` builds them from ``configs/mkd.py``
+    (``data=fer2013``), once as they are and once with ``augment`` swapped for
+    the evaluation normalisation. The gap is augmentation's share of the step.
+
+Each row runs ``--warmup`` untimed batches (the first compiles), then up to
+``--iters`` timed ones, each waited for; a row stops early, after
+``MIN_TIMED_CALLS``, once it has used ``--max_row_seconds``. images/s = images
+timed / seconds timed. A ratio above 1 means the path delivers faster than the
+step consumes. The streaming rows run alone here; in training, Grain's
+threads share the host CPUs with the step (on a CPU backend they compete).
+
+The table for the current backend is appended to ``--out`` under a heading
+naming the backend, so tables from other machines accumulate in one file.
+
+Usage (the command behind input_pipeline.md):
+
+  python experiments/benchmarks/input_pipeline.py --data_dir=/tmp/fer_tfds \\
+      --out=experiments/benchmarks/input_pipeline.md
+"""
+import argparse
+import contextlib
+import datetime
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+from unittest import mock
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+
+# pylint: disable=wrong-import-position
+import grain
+import jax
+import numpy as np
+
+from configs import mkd
+from fer_jax import steps
+from fer_jax import train
+from fer_jax.data import augment as augment_lib
+from fer_jax.data import streaming
+# pylint: enable=wrong-import-position
+
+MIN_TIMED_CALLS = 3
+STEP_NAMES = {"student": "MKD student step", "teacher": "AFNet teacher step"}
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+  parser.add_argument("--batch_size", type=int, default=128,
+                      help="global batch; must be divisible by the device count")
+  parser.add_argument("--iters", type=int, default=20, help="timed batches per row")
+  parser.add_argument("--warmup", type=int, default=2,
+                      help="untimed batches per row, the compiling one included")
+  parser.add_argument("--max_row_seconds", type=float, default=40.0,
+                      help=f"stop timing a row after this long (at least "
+                           f"{MIN_TIMED_CALLS} batches)")
+  parser.add_argument("--read_threads", type=lambda s: [int(n) for n in s.split(",")],
+                      default=[0, 2, 16],
+                      help="Grain ReadOptions.num_threads values, one streaming row each")
+  parser.add_argument("--data_dir", default=None,
+                      help="TFDS data dir of the built fer2013 (default: the fer2013 "
+                           "preset's); built there from --manual_dir on first use")
+  parser.add_argument("--manual_dir", default=None,
+                      help="the FER2013 download (default: the preset's, relative to "
+                           "the repository)")
+  parser.add_argument("--out", default=str(HERE / "input_pipeline.md"),
+                      help="markdown file the table is appended to")
+  args = parser.parse_args(argv)
+  if min([args.batch_size, args.iters, args.warmup]) < 1:
+    raise SystemExit("--batch_size, --iters and --warmup must be at least 1")
+  if min(args.read_threads) < 0:
+    raise SystemExit(f"--read_threads must be counts >= 0, got {args.read_threads}")
+  return args
+
+
+def benchmark_config(args):
+  """configs/mkd.py on FER2013 at ``--batch_size``, reading from the flags' dirs."""
+  config = mkd.get_config("data=fer2013")
+  if args.data_dir:
+    config.data.data_dir = args.data_dir
+  manual_dir = pathlib.Path(args.manual_dir or config.data.manual_dir).expanduser()
+  config.data.manual_dir = str(manual_dir if manual_dir.is_absolute() else REPO / manual_dir)
+  for name in config.phases:
+    config[name].batch_size = args.batch_size
+  return config
+
+
+# --- timing -------------------------------------------------------------------------
+
+
+def time_row(name, next_batch, args) -> dict:
+  """Times ``next_batch()`` (returns when its batch is ready) as one table row."""
+  start = time.perf_counter()
+  next_batch()
+  first = time.perf_counter() - start
+  for _ in range(args.warmup - 1):
+    next_batch()
+  times = []
+  while len(times) < args.iters:
+    start = time.perf_counter()
+    next_batch()
+    times.append(time.perf_counter() - start)
+    if len(times) >= MIN_TIMED_CALLS and sum(times) > args.max_row_seconds:
+      break
+  row = {"path": name, "images_per_s": args.batch_size * len(times) / sum(times),
+         "timed": len(times), "first_s": first}
+  print(f"{name}: {row['images_per_s']:.1f} images/s ({len(times)} batches, "
+        f"first call {first:.1f} s)", flush=True)
+  return row
+
+
+# --- the input paths ----------------------------------------------------------------
+
+
+def device_resident_row(arrays, config, mesh, args) -> dict:
+  """sample_batch + augment on the device-resident training set, as the fused step does."""
+  batch_size, augment_config = args.batch_size, config.augment
+
+  def draw(data, step, rng):
+    batch = steps.sample_batch(data, step, rng, batch_size)
+    images = jax.lax.with_sharding_constraint(batch["image"], steps.batch_sharded(mesh))
+    return augment_lib.augment(jax.random.fold_in(rng, step), images, augment_config)
+
+  draw = jax.jit(draw, in_shardings=steps.replicated(mesh),
+                 out_shardings=steps.batch_sharded(mesh))
+  data = jax.device_put(arrays, steps.replicated(mesh))
+  rng = jax.device_put(jax.random.PRNGKey(0), steps.replicated(mesh))
+  counter = iter(range(1 << 30))
+
+  def next_batch():
+    step = jax.device_put(np.int32(next(counter)), steps.replicated(mesh))
+    draw(data, step, rng).block_until_ready()
+
+  return time_row(f"device-resident sample_batch + augment "
+                  f"(occlusion_prob {augment_config.occlusion_prob})", next_batch, args)
+
+
+def streaming_row(split, mesh, read_threads, args) -> dict:
+  """Grain host batches of the data source, made global arrays."""
+  batches = streaming.batches(split, global_batch_size=args.batch_size, seed=0,
+                              read_options=grain.ReadOptions(num_threads=read_threads))
+
+  def next_batch():
+    jax.block_until_ready(streaming.to_global(next(batches), mesh))
+
+  row = time_row(f"Grain streaming + to_global, {read_threads} read threads", next_batch,
+                 args)
+  batches.close()
+  return row
+
+
+# --- the consumers ------------------------------------------------------------------
+
+
+def build_phases(config, dataset, arrays, mesh, workdir):
+  """The teacher and student phases of ``config`` (untrained teacher), with states."""
+  writer = train.MetricWriter(workdir / "metrics.jsonl")
+  teacher = train.Phase(config, "teacher", dataset, arrays, mesh, workdir, writer, {})
+  teacher_state = teacher.init_state()
+  # A copy: the teacher's own step donates its state.
+  teacher_variables = jax.tree.map(jax.numpy.copy, teacher.variables_of(teacher_state))
+  finished = {"teacher": train.FinishedPhase(teacher.cfg, teacher.model, teacher_variables,
+                                             teacher.input_shape)}
+  student = train.Phase(config, "student", dataset, arrays, mesh, workdir, writer, finished)
+  return [(teacher, teacher_state), (student, student.init_state())]
+
+
+def step_spec(phase) -> steps.StepSpec:
+  """The StepSpec ``train.Phase.train`` builds for ``phase``."""
+  teacher = phase.teacher
+  return steps.StepSpec(
+      model=phase.model, objective=phase.objective, tx=phase.tx,
+      augment_config=phase.config.augment, batch_size=phase.batch_size, mesh=phase.mesh,
+      teacher=teacher.model if teacher else None,
+      teacher_dtype=jax.numpy.dtype(phase.cfg.get("teacher_dtype", "float32")),
+      student_input=phase.input_shape,
+      teacher_input=teacher.input_shape if teacher else None,
+      contrastive=phase.cfg.get("contrastive", False),
+      ema_momentum=phase.cfg.get("ema_momentum", 0.999))
+
+
+def _normalise_only(key, images, cfg=None):
+  del key  # the no-op draws nothing
+  return augment_lib.preprocess_eval(images, cfg)
+
+
+def step_row(phase, state, arrays, augmented: bool, args) -> dict:
+  """The phase's fused train step; without ``augmented``, augment only normalises."""
+  replicated = steps.replicated(phase.mesh)
+  teacher_vars = phase.teacher.variables if phase.teacher else {}
+  inputs = jax.device_put((phase.weights, teacher_vars, arrays), replicated)
+  state = [jax.tree.map(jax.numpy.copy, state)]  # the step donates it
+  step_fn = steps.make_train_step(step_spec(phase))
+
+  def next_batch():
+    state[0], metrics = step_fn(state[0], *inputs)
+    metrics["loss"].block_until_ready()
+
+  step = STEP_NAMES.get(phase.name, f"{phase.name} step")
+  swap = (contextlib.nullcontext() if augmented
+          else mock.patch.object(steps.augment_lib, "augment", _normalise_only))
+  with swap:  # the first call traces the step, reading steps.augment_lib.augment
+    row = time_row(f"{step}, {'augment' if augmented else 'no augment'}", next_batch, args)
+  return dict(row, step=step, augmented=augmented)
+
+
+# --- report -------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+  with open("/proc/cpuinfo", encoding="utf-8") as f:
+    for line in f:
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  return platform.processor() or "unknown"
+
+
+def render(rows, args, context) -> str:
+  """The markdown section for this backend: setup lines, the table, augmentation's share."""
+  consumers = [row for row in rows if row.get("augmented")]
+  header = ["path", "images/s", *[f"÷ {c['step']}" for c in consumers],
+            "timed batches", "first call (s)"]
+  lines = [f"## {context['backend']}: {context['device']}", "",
+           f"* command: `{context['command']}`",
+           f"* date: {context['date']}",
+           f"* CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); devices: "
+           f"{jax.device_count()} x {context['device']}",
+           f"* jax {jax.__version__}, grain {grain.__version__}, "
+           f"Python {platform.python_version()}",
+           f"* XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '') or '(none)'}`",
+           f"* load average (1 min) before / after: {context['load'][0]:.2f} / "
+           f"{context['load'][1]:.2f}; total runtime {context['runtime']:.0f} s",
+           f"* batch {args.batch_size}; {args.warmup} untimed batches (compile included) then "
+           f"up to {args.iters} timed ones per row, fewer where a row passed "
+           f"{args.max_row_seconds:.0f} s; ÷ columns: the path's images/s over that "
+           "step's (> 1: the path keeps up)",
+           "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+  for row in rows:
+    ratios = [f"{row['images_per_s'] / c['images_per_s']:.2f}" for c in consumers]
+    lines.append(f"| {row['path']} | {row['images_per_s']:.1f} | {' | '.join(ratios)} | "
+                 f"{row['timed']} | {row['first_s']:.1f} |")
+  lines.append("")
+  for consumer in consumers:
+    plain = next(row for row in rows
+                 if row.get("step") == consumer["step"] and not row["augmented"])
+    share = 1 - consumer["images_per_s"] / plain["images_per_s"]
+    lines.append(f"* augmentation's share of the {consumer['step']} time: {100 * share:.0f}% "
+                 "(1 - augment / no-augment images/s)")
+  return "\n".join(lines) + "\n"
+
+
+def append_section(path: pathlib.Path, section: str) -> None:
+  title = ("# Input pipeline throughput: is the input ever the bottleneck?\n\n"
+           "Written by experiments/benchmarks/input_pipeline.py (see its docstring); one "
+           "section per backend run, appended.\n")
+  existing = path.read_text(encoding="utf-8") if path.exists() else title
+  path.write_text(existing.rstrip("\n") + "\n\n" + section, encoding="utf-8")
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  started, load_before = time.time(), os.getloadavg()[0]
+  config = benchmark_config(args)
+  mesh = train.make_mesh()
+  if args.batch_size % jax.device_count():
+    raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the "
+                     f"{jax.device_count()} devices")
+  dataset, arrays = train.load_data(config.data)
+  train_arrays = arrays[config.data.train_split]
+
+  rows = [device_resident_row(train_arrays, config, mesh, args)]
+  split = dataset.split(config.data.train_split)
+  rows += [streaming_row(split, mesh, n, args) for n in args.read_threads]
+  with tempfile.TemporaryDirectory() as workdir:
+    teacher, student = build_phases(config, dataset, arrays, mesh, pathlib.Path(workdir))
+    rows += [step_row(phase, state, train_arrays, augmented, args)
+             for phase, state in (student, teacher) for augmented in (True, False)]
+
+  context = dict(
+      backend=jax.default_backend(), device=jax.devices()[0].device_kind,
+      command="python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]]),
+      date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      load=(load_before, os.getloadavg()[0]), runtime=time.time() - started)
+  section = render(rows, args, context)
+  print("\n" + section)
+  append_section(pathlib.Path(args.out), section)
+
+
+if __name__ == "__main__":
+  main()

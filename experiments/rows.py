@@ -1,0 +1,68 @@
+"""The reproduction rows shared by experiments/fer2013 and experiments/ferplus.
+
+A row is a config built from configs/*.py on a real dataset. Teacher rows
+(``teacher`` and its ablations) run the AFNet phase only; student rows run the
+teacher and the student phases, or take a trained teacher with
+``teacher_checkpoint=DIR`` (what experiments/run.py passes, so the teacher is
+trained once per suite). ``quick`` shortens every phase for a 2-core CPU.
+"""
+import ml_collections
+
+from configs import asdc, mkd, teacher_bounded
+
+TEACHER_ROWS = {
+    "teacher": {},
+    "teacher_no_fpn": {"use_fpn": False},
+    "teacher_no_regions": {"num_regions": 0},
+    "teacher_no_channel_mask": {"channel_mask_keep": 1.0},
+}
+STUDENT_TERMS = {
+    "student_alone": {"ce": dict(weight=1.0)},
+    "hinton": {"ce": dict(weight=0.1), "kd": dict(kind="hinton_kd", weight=0.9, temperature=4.0)},
+    "at": {"ce": dict(weight=1.0),
+           "at": dict(kind="attention_transfer", weight=500.0,
+                      pairs=(("stage3", "stage2"), ("stage4", "stage3"), ("stage5", "stage4")))},
+    "fitnets": {"ce": dict(weight=1.0),
+                "fitnet": dict(weight=1.0, pairs=(("stage3", "stage2"), ("stage4", "stage3"),
+                                                  ("stage5", "stage4")))},
+    "mkd": None,  # configs/mkd.py's own student terms
+}
+ROWS = (*TEACHER_ROWS, *STUDENT_TERMS, "tb_cls", "asdc_probe")
+
+
+def row_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
+  arg = mkd.cu.parse_arg(arg, row="mkd", quick=False, seed=0, teacher_checkpoint="",
+                         epochs=0, steps=0)
+  if arg.row not in ROWS:
+    raise ValueError(f"unknown row {arg.row!r}; rows: {', '.join(ROWS)}")
+  base = f"data={dataset},seed={arg.seed}"
+  if arg.row == "asdc_probe":
+    config = asdc.get_config(base)
+  elif arg.row == "tb_cls":
+    # The classification part of teacher-bounded KD: its EfficientFormer student
+    # with alpha*CE + (1-alpha)*Hinton, distilled from the AFNet teacher.
+    config = mkd.get_config(base)
+    tb = teacher_bounded.get_config(base)
+    config.student = tb.student_efficientformer
+    config.student.model = "efficientformer_l1"
+    config.student.model_kwargs = {}
+    config.student.terms = {k: v for k, v in tb.student_efficientformer.terms.items()
+                            if k in ("ce", "kd")}
+  else:
+    config = mkd.get_config(base)
+  config.name = f"{dataset}/{arg.row}"
+  if arg.row in TEACHER_ROWS:
+    config.phases = ("teacher",)
+    config.teacher.model_kwargs.update(TEACHER_ROWS[arg.row])
+  elif STUDENT_TERMS.get(arg.row):
+    config.student.terms = STUDENT_TERMS[arg.row]
+  if arg.teacher_checkpoint and "teacher" in config.phases and arg.row not in TEACHER_ROWS:
+    config.teacher.checkpoint = arg.teacher_checkpoint
+  for phase in config.phases:
+    if arg.epochs:
+      config[phase].epochs = arg.epochs
+    if arg.steps:
+      config[phase].steps = arg.steps
+    if arg.quick:
+      config[phase].epochs = max(1, config[phase].epochs // 8)
+  return config

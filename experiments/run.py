@@ -1,0 +1,100 @@
+r"""Runs reproduction rows and writes the committed tables and plots.
+
+  python -m experiments.run --suite=fer2013 --rows=teacher,student_alone,mkd \
+      --workroot=/tmp/fer_rows [--quick] [--seeds=0,1,2]
+
+The teacher row is trained first and reused (``teacher_checkpoint``) by every
+student row of the same seed. Writes experiments/<suite>/results.json (flat
+``"<row>/<split>/<metric>"``, mean over seeds, plus ``_std``) and results.md
+(one table, each row with its command, hardware, wall time and seeds), and
+PNG plots: learning curves, the best row's confusion matrix, and the teacher's
+region-attention maps on occluded PrivateTest faces. Rows already present in
+results.json are kept, so suites can be filled in over several runs.
+"""
+import json
+import pathlib
+import platform
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from experiments import rows as rows_lib
+from fer_jax import train
+
+_SUITE = flags.DEFINE_enum("suite", "fer2013", ["fer2013", "ferplus"], "Which dataset suite.")
+_ROWS = flags.DEFINE_list("rows", ["teacher", "mkd"], f"Rows to run: {', '.join(rows_lib.ROWS)}")
+_WORKROOT = flags.DEFINE_string("workroot", "/tmp/fer_rows", "Where run directories go.")
+_QUICK = flags.DEFINE_bool("quick", False, "Shortened schedules for a 2-core CPU.")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; mean and std are reported.")
+_EPOCHS = flags.DEFINE_integer("epochs", 0, "Override every phase's epochs (0: the config's).")
+_STEPS = flags.DEFINE_integer("steps", 0, "Override every phase's steps (a dry run).")
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _row_arg(row, seed, teacher_dir):
+  arg = f"row={row},seed={seed}"
+  if _QUICK.value:
+    arg += ",quick"
+  if _EPOCHS.value:
+    arg += f",epochs={_EPOCHS.value}"
+  if _STEPS.value:
+    arg += f",steps={_STEPS.value}"
+  if teacher_dir and row not in rows_lib.TEACHER_ROWS and row != "asdc_probe":
+    arg += f",teacher_checkpoint={teacher_dir}"
+  return arg
+
+
+def _reported_phase(config):
+  return "probe" if "probe" in config.phases else config.phases[-1]
+
+
+def hardware() -> str:
+  device = jax.devices()[0]
+  kind = device.device_kind if device.platform != "cpu" else platform.processor() or "cpu"
+  return f"{jax.device_count()}x {kind} ({device.platform})"
+
+
+def main(argv):
+  del argv
+  suite = _SUITE.value
+  out_dir = HERE / suite
+  results_path = out_dir / "results.json"
+  table = json.loads(results_path.read_text()) if results_path.exists() else {}
+  meta_path = out_dir / "rows.json"
+  meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+  module = f"experiments/{suite}/config.py"
+  for row in _ROWS.value:
+    per_seed, workdirs, seconds = [], [], 0.0
+    for seed in map(int, _SEEDS.value):
+      teacher_dir = pathlib.Path(_WORKROOT.value) / suite / f"teacher_s{seed}" / "teacher" / "best"
+      arg = _row_arg(row, seed, teacher_dir if teacher_dir.exists() else "")
+      config = rows_lib.row_config(suite, arg)
+      workdir = pathlib.Path(_WORKROOT.value) / suite / f"{row}_s{seed}"
+      start = time.time()
+      results = train.train_and_evaluate(config, str(workdir))
+      seconds += time.time() - start
+      phase = _reported_phase(config)
+      per_seed.append({k[len(phase) + 1:]: v for k, v in results.items()
+                       if k.startswith(phase + "/") and isinstance(v, (int, float))})
+      workdirs.append(str(workdir))
+      command = (f"python -m fer_jax.main --config={module}:{arg} --workdir={workdir}")
+    for key in per_seed[0]:
+      values = np.array([r[key] for r in per_seed], np.float64)
+      table[f"{row}/{key}"] = float(values.mean())
+      if len(values) > 1:
+        table[f"{row}/{key}_std"] = float(values.std(ddof=1))
+    meta[row] = {"command": command, "hardware": hardware(), "seeds": _SEEDS.value,
+                 "wall_seconds": round(seconds, 1), "workdirs": workdirs,
+                 "date": time.strftime("%Y-%m-%d")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+  from experiments import tables  # pylint: disable=g-import-not-at-top
+  tables.write(suite, table, meta)
+
+
+if __name__ == "__main__":
+  app.run(main)

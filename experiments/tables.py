@@ -1,0 +1,159 @@
+"""Writes experiments/<suite>/results.md and its plots from the rows' results."""
+import json
+import pathlib
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+OCCLUDERS = ("eyes", "mouth", "blocks", "hand")
+SPLITS = {
+    "fer2013": ("private_test", ()),
+    "ferplus": ("test", ("test_occlusion", "test_pose30", "test_pose45")),
+}
+TARGETS = {
+    "fer2013": "Targets: teacher >= 74.5 %, a student with <= 1/10 of its MACs >= 72.5 %, "
+               "occlusion drop <= 3 points, ASDC linear probe >= 64 %.",
+    "ferplus": "Targets: teacher >= 88 %, student >= 86 % (majority labels); "
+               "Occlusion-FERPlus >= 85 %.",
+}
+
+
+def _pct(table, key):
+  value = table.get(key)
+  if value is None:
+    return "-"
+  std = table.get(key + "_std")
+  return f"{100 * value:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def write(suite: str, table: dict, meta: dict) -> None:
+  test, extra = SPLITS[suite]
+  out = HERE / suite
+  rows = sorted({k.split("/")[0] for k in table}, key=lambda r: list(meta).index(r)
+                if r in meta else 99)
+  head = (["row", "params", "MMACs", f"{test} acc", "mean-class acc"]
+          + [f"occl. {o}" for o in OCCLUDERS] + ["occl. mean", "drop"]
+          + [s for s in extra] + ["wall s"])
+  lines = [f"# {suite}: reproduction table", "",
+           "Accuracy in % on the test split (models selected on the validation split only). "
+           "`occl.` columns: the same test images under the fixed synthetic occluders of "
+           "docs/occlusion_protocol.md (seed 0); `drop` = clean minus occluded mean.", "",
+           TARGETS[suite], "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for row in rows:
+    clean = table.get(f"{row}/{test}/accuracy")
+    occluded = table.get(f"{row}/{test}_occluded/accuracy")
+    drop = f"{100 * (clean - occluded):.2f}" if clean is not None and occluded else "-"
+    params = table.get(f"{row}/params")
+    macs = table.get(f"{row}/macs")
+    cells = [row, f"{params / 1e6:.2f} M" if params else "-",
+             f"{macs / 1e6:.1f}" if macs else "-",
+             _pct(table, f"{row}/{test}/accuracy"),
+             _pct(table, f"{row}/{test}/mean_class_accuracy")]
+    cells += [_pct(table, f"{row}/{test}_occluded_{o}/accuracy") for o in OCCLUDERS]
+    cells += [_pct(table, f"{row}/{test}_occluded/accuracy"), drop]
+    cells += [_pct(table, f"{row}/{s}/accuracy") for s in extra]
+    cells.append(str(meta.get(row, {}).get("wall_seconds", "-")))
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", "## Commands", ""]
+  for row, info in meta.items():
+    lines += [f"- `{row}` ({info['hardware']}, seeds {','.join(info['seeds'])}, "
+              f"{info['date']}): `{info['command']}`"]
+  plots = _plots(suite, meta)
+  if plots:
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+  (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _plots(suite: str, meta: dict) -> list[str]:
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return []
+  out = HERE / suite
+  made = []
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  for row, info in meta.items():
+    path = pathlib.Path(info["workdirs"][0]) / "metrics.jsonl"
+    if not path.exists():
+      continue
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    phase = records[-1]["phase"]
+    train_rec = [r for r in records if r["phase"] == phase and "loss" in r]
+    eval_rec = [r for r in records if r["phase"] == phase and "split" in r]
+    if train_rec:
+      ax_loss.plot([r["step"] for r in train_rec], [r["loss"] for r in train_rec], label=row)
+    if eval_rec:
+      ax_acc.plot([r["step"] for r in eval_rec], [r["accuracy"] for r in eval_rec], label=row)
+  ax_loss.set(xlabel="step", ylabel="training loss", yscale="log")
+  ax_acc.set(xlabel="step", ylabel="validation accuracy")
+  ax_acc.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out / "learning_curves.png", dpi=90)
+  plt.close(fig)
+  made.append("learning_curves.png")
+  for row in ("mkd", "teacher"):
+    details_path = pathlib.Path(meta.get(row, {}).get("workdirs", [""])[0]) / "details.json"
+    if details_path.is_file():
+      details = json.loads(details_path.read_text())
+      phase = list(details["phases"])[-1]
+      confusion = np.array(next(iter(details["phases"][phase]["confusion"].values())))
+      names = details["class_names"]
+      fig, ax = plt.subplots(figsize=(5.5, 5))
+      normalised = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+      ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+      for (i, j), c in np.ndenumerate(confusion):
+        ax.text(j, i, str(c), ha="center", va="center", fontsize=7)
+      ax.set_xticks(range(len(names)), names, rotation=45, fontsize=7)
+      ax.set_yticks(range(len(names)), names, fontsize=7)
+      ax.set(xlabel="predicted", ylabel="true", title=f"{row}: {phase}")
+      fig.tight_layout()
+      fig.savefig(out / f"confusion_{row}.png", dpi=90)
+      plt.close(fig)
+      made.append(f"confusion_{row}.png")
+  if "teacher" in meta and _attention_plot(suite, meta["teacher"], plt):
+    made.append("attention_maps.png")
+  return made
+
+
+def _attention_plot(suite, teacher_meta, plt) -> bool:
+  """The AFNet teacher's region-attention maps on occluded test faces."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from experiments import rows  # pylint: disable=g-import-not-at-top
+  from fer_jax import train  # pylint: disable=g-import-not-at-top
+  from fer_jax.data import augment, occlusion  # pylint: disable=g-import-not-at-top
+  best = pathlib.Path(teacher_meta["workdirs"][0]) / "teacher" / "best"
+  if not best.is_dir():
+    return False
+  config = rows.row_config(suite, "row=teacher")
+  _, arrays = train.load_data(config.data)
+  test = arrays[config.data.test_split]
+  model = train.build_model(config.teacher, int(test["label"].max()) + 1)
+  images = test["image"][:4]
+  indices = test["index"][:4]
+  like = model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
+                    np.zeros((1, *images.shape[1:]), np.float32))
+  variables = train.load_checkpoint_variables(str(best), dict(like))
+  fig, axes = plt.subplots(len(OCCLUDERS), 1 + 2 * len(images), figsize=(13, 7))
+  for r, kind in enumerate(OCCLUDERS):
+    occluded = np.asarray(occlusion.occlude_fixed(images, indices, kind, seed=0))
+    _, aux = model.apply(variables, augment.preprocess_eval(occluded, config.augment),
+                         train=False)
+    maps = np.asarray(aux["att_map"]).mean(-1)
+    weights = np.asarray(aux["region_weights"])
+    axes[r, 0].set_ylabel(kind)
+    for i in range(len(images)):
+      axes[r, 2 * i].imshow(occluded[i, ..., 0], cmap="gray")
+      axes[r, 2 * i + 1].imshow(maps[i], cmap="magma")
+      axes[r, 2 * i + 1].set_title("w=" + ",".join(f"{w:.2f}" for w in weights[i]), fontsize=6)
+    axes[r, -1].axis("off")
+  for ax in axes.flat:
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.suptitle("AFNet teacher: occluded face | mean region-attention map (region weights)")
+  fig.tight_layout()
+  fig.savefig(HERE / suite / "attention_maps.png", dpi=80)
+  plt.close(fig)
+  return True

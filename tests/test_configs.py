@@ -1,0 +1,215 @@
+"""Every config in configs/ runs end to end through the real trainer.
+
+Each config file is loaded the way the command line loads it
+(``ml_collections.config_flags`` with ``<file>:smoke``), shrunk to a few
+dozen synthetic faces, and trained and evaluated by
+``fer_jax.train.train_and_evaluate``. The checks read what a user reads:
+``results.json`` (accuracies clean and under every occlusion, sizes, the
+valence/arousal metrics), ``details.json`` (confusion matrices), ``report.md``,
+``metrics.jsonl`` and the phases' checkpoints. Independent references: the
+parameter count is recounted from the saved parameters, the confusion row
+sums are the label histogram of the test split, accuracies are whole
+multiples of 1/N, and the occlusion mean is recomputed.
+
+Compiling the fused train step costs about a minute per phase on the 2 shared
+CPU cores (more under load), so every end-to-end run is ``@pytest.mark.slow``:
+mkd, teacher_bounded, asdc, baseline_student, baseline_hinton, baseline_at and
+baseline_fitnets. The default run keeps the config-argument checks.
+"""
+import importlib.util
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from fer_jax import train
+from fer_jax.checkpoint import Checkpoints
+from fer_jax.data import DATASETS, as_arrays
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+CONFIGS = ("asdc", "baseline_at", "baseline_fitnets", "baseline_hinton", "baseline_student",
+           "mkd", "teacher_bounded")
+# Sizes that are not multiples of the 8 devices or of the eval batch, so the
+# padded last eval batch is exercised.
+SPLIT_SIZES = {"train": 32, "validation": 12, "test": 20}
+VA_METRICS = tuple(f"{dim}_{metric}" for dim in ("valence", "arousal")
+                   for metric in ("rmse", "ccc", "pcc", "sagr"))
+
+
+@pytest.fixture(autouse=True)
+def repo_on_path(monkeypatch):
+  """Config files import each other as ``configs.<name>``, as under the CLI."""
+  monkeypatch.syspath_prepend(str(REPO))
+
+
+def load_module(name: str):
+  spec = importlib.util.spec_from_file_location(f"config_under_test_{name}",
+                                                CONFIG_DIR / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(name: str, arg: str):
+  """``--config=configs/<name>.py:<arg>`` as fer_jax.main parses it (locked)."""
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values,
+                                  lock_config=True)
+  flag_values(["test", f"--config={CONFIG_DIR / name}.py:{arg}"])
+  return flag_values.config
+
+
+def restore_latest(directory: pathlib.Path):
+  """The newest checkpoint under ``directory`` as saved (step, state)."""
+  ckpts = Checkpoints(directory)
+  step = ckpts.latest_step()
+  state, _ = ckpts.restore(step, None)
+  ckpts.close()
+  return step, state
+
+
+def test_every_config_file_is_covered():
+  found = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+  assert tuple(found) == CONFIGS
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_unknown_config_argument_is_named(name):
+  with pytest.raises(ValueError, match=r"unknown config argument 'bogus'; known: data, seed, "
+                                       r"smoke"):
+    load_module(name).get_config("bogus=1")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_smoke_argument_shrinks_every_phase(name):
+  full, smoke = load_module(name).get_config(None), load_config(name, "smoke")
+  assert full.phases == smoke.phases
+  for phase in smoke.phases:
+    assert smoke[phase].steps > 0 and full[phase].steps == 0, phase
+    assert smoke[phase].batch_size % jax.device_count() == 0, phase
+
+
+def run_smoke(name, workdir):
+  config = load_config(name, "smoke")
+  config.data.split_sizes = SPLIT_SIZES
+  config.eval_batch_size = 16
+  results = train.train_and_evaluate(config, str(workdir))
+  assert json.loads((workdir / "results.json").read_text()) == pytest.approx(results)
+  return config, results
+
+
+def labels_of_test_split(config) -> np.ndarray:
+  dataset = DATASETS.get(config.data.name)(config.data)
+  return np.asarray(as_arrays(dataset.split(config.data.test_split))["label"])
+
+
+def check_whole_multiple(value, n, what):
+  assert 0.0 <= value <= 1.0, what
+  assert math.isclose(value * n, round(value * n), abs_tol=1e-6), f"{what}={value} not k/{n}"
+
+
+def check_phase_results(config, phase, results, details, labels, workdir):
+  data, cfg = config.data, config[phase]
+  step, state = restore_latest(workdir / phase / "checkpoints")
+  assert step == cfg.steps
+  saved_params = sum(np.size(x) for x in jax.tree.leaves(state["params"]["model"]))
+  assert results[f"{phase}/params"] == saved_params
+  assert isinstance(results[f"{phase}/macs"], int) and results[f"{phase}/macs"] > 0
+  if not cfg.evaluate:
+    assert not any(k.startswith(f"{phase}/{data.test_split}") for k in results)
+    return
+  n = len(labels)
+  check_whole_multiple(results[f"{phase}/{data.eval_split}/accuracy"],
+                       SPLIT_SIZES[data.eval_split], f"{phase} {data.eval_split} accuracy")
+  confusion = np.asarray(details["phases"][phase]["confusion"][data.test_split])
+  np.testing.assert_array_equal(confusion.sum(1),
+                                np.bincount(labels, minlength=confusion.shape[0]))
+  accuracy = results[f"{phase}/{data.test_split}/accuracy"]
+  assert accuracy == pytest.approx(np.trace(confusion) / n)
+  check_whole_multiple(accuracy, n, f"{phase} test accuracy")
+  occluded = []
+  for kind in data.occlusion_kinds:
+    value = results[f"{phase}/{data.test_split}_occluded_{kind}/accuracy"]
+    check_whole_multiple(value, n, f"{phase} {kind}-occluded accuracy")
+    occluded.append(value)
+  assert results[f"{phase}/{data.test_split}_occluded/accuracy"] == pytest.approx(
+      np.mean(occluded))
+
+
+def check_outputs(config, results, workdir):
+  details = json.loads((workdir / "details.json").read_text())
+  labels = labels_of_test_split(config)
+  for phase in config.phases:
+    check_phase_results(config, phase, results, details, labels, workdir)
+  report = (workdir / "report.md").read_text()
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  eval_split = config.data.eval_split
+  for phase in config.phases:
+    cfg = config[phase]
+    if cfg.teacher:
+      # Distillation is only worth it when the student is the cheaper network.
+      assert results[f"{phase}/macs"] < results[f"{cfg.teacher}/macs"], phase
+    assert f"## {phase}: `{cfg.model}`" in report
+    if cfg.evaluate:
+      accuracy = results[f"{phase}/{config.data.test_split}/accuracy"]
+      assert f"| {config.data.test_split}/accuracy | {100 * accuracy:.2f} |" in report
+      # Smoke phases evaluate once, at the end; the restored best parameters
+      # are those, so the final evaluation reproduces the logged one.
+      evals = [r for r in records if r["phase"] == phase and r.get("split") == eval_split]
+      assert [r["step"] for r in evals] == [cfg.steps], phase
+      assert results[f"{phase}/{eval_split}/accuracy"] == evals[0]["accuracy"]
+    train_records = [r for r in records if r["phase"] == phase and "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, cfg.steps + 1)), phase
+    for record in train_records:
+      assert record["finite"] == 1.0 and np.isfinite(record["loss"]), (phase, record)
+      weighted = sum(cfg.terms[t].get("weight", 1.0) * record[f"loss/{t}"] for t in cfg.terms)
+      assert record["loss"] == pytest.approx(weighted, rel=1e-4), (phase, record)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mkd", "baseline_student", "baseline_hinton", "baseline_at",
+                                  "baseline_fitnets"])
+def test_classification_config_trains_and_reports(name, tmp_path):
+  config, results = run_smoke(name, tmp_path)
+  check_outputs(config, results, tmp_path)
+  assert config.student.teacher == ("teacher" if "teacher" in config.phases else "")
+
+
+@pytest.mark.slow
+def test_teacher_bounded_students_report_valence_arousal(tmp_path):
+  config, results = run_smoke("teacher_bounded", tmp_path)
+  check_outputs(config, results, tmp_path)
+  n = SPLIT_SIZES[config.data.test_split]
+  students = [p for p in config.phases if config[p].teacher]
+  assert students == ["student_mobilenet", "student_efficientformer"]
+  for phase in students:
+    for split in (config.data.test_split,
+                  *(f"{config.data.test_split}_occluded_{k}" for k in config.data.occlusion_kinds)):
+      values = {m: results[f"{phase}/{split}/{m}"] for m in VA_METRICS}
+      assert all(np.isfinite(v) for v in values.values()), (phase, split, values)
+      for dim in ("valence", "arousal"):
+        # Predictions are clipped to [-1, 1] and targets lie there, so RMSE <= 2.
+        assert 0.0 <= values[f"{dim}_rmse"] <= 2.0
+        assert -1.0 <= values[f"{dim}_pcc"] <= 1.0 and -1.0 <= values[f"{dim}_ccc"] <= 1.0
+        check_whole_multiple(values[f"{dim}_sagr"], n, f"{phase} {split} {dim}_sagr")
+
+
+@pytest.mark.slow
+def test_asdc_probe_trains_on_the_frozen_student_encoder(tmp_path):
+  config, results = run_smoke("asdc", tmp_path)
+  assert config.phases == ("teacher", "student", "probe")
+  assert config.probe.init_from == "student" and config.probe.freeze == ("encoder",)
+  check_outputs(config, results, tmp_path)
+  _, student = restore_latest(tmp_path / "student" / "checkpoints")
+  _, probe = restore_latest(tmp_path / "probe" / "checkpoints")
+  jax.tree.map(np.testing.assert_array_equal, probe["params"]["model"]["encoder"],
+               student["params"]["model"])
+  jax.tree.map(np.testing.assert_array_equal, probe["batch_stats"]["encoder"],
+               student["batch_stats"])
+  assert set(probe["params"]["model"]) == {"encoder", "head"}

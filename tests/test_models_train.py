@@ -1,0 +1,164 @@
+"""Every registered model trains through the core fused step (``fer_jax.steps``).
+
+For each name in ``fer_jax.models.MODELS`` a single-phase config (cross-entropy
+only, SGD without weight decay) is built at a small width, ``train.Phase``
+initialises its state as the trainer does, and two jitted train steps run
+sharded over the 8 fake CPU devices. The warm-up schedule gives step 1 a zero
+learning rate, so step 2 is the first real update. Checked: both losses are
+finite and equal the cross-entropy term, every parameter the cross-entropy
+reaches moves while the subtrees a family keeps out of the gradient's reach
+(EmoNet's FAN, the probe's encoder, the unused MoCo projection head) stay
+bit-identical, and BatchNorm running statistics move in training mode except
+where a family documents them as fixed.
+
+Compiling a step takes 10-60 s on the 2 shared CPU cores. Slow
+(``@pytest.mark.slow``): the deep or large ones, emonet at its native
+256x256x3, efficientformer_l3, ir50, resnet34, resnet50 and afnet.
+"""
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from fer_jax import config_utils as cu
+from fer_jax import models
+from fer_jax import steps
+from fer_jax import train
+from fer_jax.data.augment import default_augment_config
+
+TINY_RESNET = dict(stem="small", width=4)
+BATCH = 8  # one example per fake device
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """How to train one model small.
+
+  Attributes:
+    model: registered model name.
+    kwargs: constructor fields that make it small.
+    input_shape: the phase's ``input_shape``; None keeps the 48x48x1 faces.
+    untouched: top-level parameter subtrees the cross-entropy cannot reach.
+    fixed_stats: top-level ``batch_stats`` subtrees that stay fixed in training.
+  """
+  model: str
+  kwargs: dict = dataclasses.field(default_factory=dict)
+  input_shape: tuple[int, int, int] | None = None
+  untouched: tuple[str, ...] = ()
+  fixed_stats: tuple[str, ...] = ()
+
+
+CASES = {
+    "afnet": Case("afnet", dict(backbone="resnet18", backbone_kwargs=TINY_RESNET, fpn_dim=8,
+                                num_regions=2, embed_dim=8)),
+    "contrastive": Case("contrastive", dict(encoder="resnet18", encoder_kwargs=TINY_RESNET,
+                                            hidden=8, projection_dim=8),
+                        untouched=("projection_hidden", "projection_out")),
+    "efficientformer_l1": Case("efficientformer_l1"),
+    "efficientformer_l3": Case("efficientformer_l3"),
+    # Two head blocks and one hourglass stack take 64 px; the FAN is frozen.
+    "emonet": Case("emonet", dict(n_stacks=1, num_head_blocks=2), (64, 64, 3),
+                   untouched=("fan",), fixed_stats=("fan",)),
+    "emonet_256": Case("emonet", {}, (256, 256, 3), untouched=("fan",), fixed_stats=("fan",)),
+    "ir50": Case("ir50", dict(width=4)),
+    "linear_probe": Case("linear_probe", dict(encoder="resnet18", encoder_kwargs=TINY_RESNET),
+                         untouched=("encoder",), fixed_stats=("encoder",)),
+    "mini_xception": Case("mini_xception"),
+    "mobilefacenet": Case("mobilefacenet"),
+    "mobilenet_v2": Case("mobilenet_v2", dict(width=0.25, stem="small")),
+    "resnet18": Case("resnet18", TINY_RESNET),
+    "resnet34": Case("resnet34", TINY_RESNET),
+    "resnet50": Case("resnet50", TINY_RESNET),
+    "vgg_fer": Case("vgg_fer", dict(width=4, fc_width=16)),
+}
+SLOW = {"afnet", "efficientformer_l3", "emonet_256", "ir50", "resnet34", "resnet50"}
+
+
+def single_phase_config(case: Case) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.name = f"train_{case.model}"
+  config.seed = 0
+  config.data = cu.data_config("synthetic")
+  config.data.split_sizes = {"train": 2 * BATCH, "validation": BATCH, "test": BATCH}
+  config.augment = default_augment_config()
+  config.eval_batch_size = BATCH
+  config.phases = ("single",)
+  extra = {"input_shape": case.input_shape} if case.input_shape else {}
+  config.single = cu.phase_config(
+      case.model, case.kwargs, {"ce": dict(weight=1.0)}, epochs=1, steps=2,
+      batch_size=BATCH, optimizer=cu.optimizer_config("sgd", lr=0.1, weight_decay=0.0),
+      **extra)
+  return config
+
+
+def leaves_by_path(tree) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def top_level(path: str) -> str:
+  return path.split("'")[1]
+
+
+def train_two_steps(config, tmp_path):
+  """(initial state, final state, per-step metrics) of two fused steps, as numpy."""
+  mesh = train.make_mesh()
+  dataset, arrays = train.load_data(config.data)
+  writer = train.MetricWriter(tmp_path / "metrics.jsonl")
+  phase = train.Phase(config, "single", dataset, arrays, mesh, tmp_path, writer, {})
+  state = phase.init_state()
+  initial = jax.device_get(state)  # the step donates its state
+  step_fn = steps.make_train_step(steps.StepSpec(
+      model=phase.model, objective=phase.objective, tx=phase.tx,
+      augment_config=config.augment, batch_size=phase.batch_size, mesh=mesh,
+      student_input=phase.input_shape))
+  data = jax.device_put(arrays[config.data.train_split], steps.replicated(mesh))
+  weights = jax.device_put(phase.weights, steps.replicated(mesh))
+  history = []
+  for _ in range(2):
+    state, metrics = step_fn(state, weights, {}, data)
+    history.append(jax.device_get(metrics))
+  return initial, jax.device_get(state), history
+
+
+def test_every_registered_model_has_a_case():
+  assert sorted({case.model for case in CASES.values()}) == models.MODELS.names()
+
+
+@pytest.mark.parametrize("case_name", [
+    pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in CASES])
+def test_model_trains_two_steps(case_name, tmp_path):
+  case = CASES[case_name]
+  initial, final, history = train_two_steps(single_phase_config(case), tmp_path)
+
+  for step, metrics in enumerate(history, start=1):
+    assert metrics["finite"] == 1.0 and np.isfinite(metrics["loss"]), (step, metrics)
+    np.testing.assert_allclose(metrics["loss"], metrics["loss/ce"], rtol=1e-6)
+  assert int(final["step"]) == 2
+
+  # SGD's momentum trace after two steps is g2 + 0.9 g1: non-zero exactly where
+  # the gradient arrived. It is the reach test because a reached parameter may
+  # still not move: EfficientFormer's LayerScale (1e-5) shrinks the updates of a
+  # block's scales below float32 resolution at 1.0.
+  trace = leaves_by_path(optax.tree_utils.tree_get(final["opt_state"], "trace")["model"])
+  before = leaves_by_path(initial["params"]["model"])
+  after = leaves_by_path(final["params"]["model"])
+  untouched = {p for p in before if top_level(p) in case.untouched}
+  reached = {p for p in trace if np.any(trace[p])}
+  moved = {p for p in before if not np.array_equal(before[p], after[p])}
+  assert reached == set(before) - untouched, (
+      f"{case_name}: no gradient reaches {sorted(set(before) - untouched - reached)}; "
+      f"gradient reaches {sorted(reached & untouched)}")
+  assert moved <= reached and len(moved) >= 0.9 * len(reached), (
+      f"{case_name}: moved {len(moved)} of {len(reached)} reached parameters; "
+      f"did not move: {sorted(reached - moved)}")
+
+  stats_before = leaves_by_path(initial["batch_stats"])
+  stats_after = leaves_by_path(final["batch_stats"])
+  stats_unchanged = {p for p in stats_before
+                     if np.array_equal(stats_before[p], stats_after[p])}
+  assert stats_unchanged == {p for p in stats_before if top_level(p) in case.fixed_stats}, (
+      f"{case_name}: running statistics that did not move: {sorted(stats_unchanged)}")
