@@ -28,7 +28,7 @@ def get_config(arg=None):
   config.seed = arg.seed
   config.data = cu.data_config(arg.data, smoke=arg.smoke)
   config.augment = default_augment_config()
-  config.augment.occlusion_prob = 0.5
+  config.augment.occlusion_prob = 0.3
   config.eval_batch_size = 512
   config.phases = ("teacher", "student")
 

@@ -134,9 +134,9 @@ def _render(params: dict[str, np.ndarray], rng: np.random.Generator):
 
 def _sample_params(labels: np.ndarray, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
   n = len(labels)
-  intensity = rng.uniform(0.35, 1.0, n)
+  intensity = rng.uniform(0.6, 1.0, n)
   offsets = np.array([_EXPRESSION_OFFSETS[c] for c in classes.FER7], np.float32)[labels]
-  offsets = offsets * intensity[:, None] + rng.normal(0, 0.12, offsets.shape)
+  offsets = offsets * intensity[:, None] + rng.normal(0, 0.08, offsets.shape)
   names = ("mouth_curve", "mouth_open", "mouth_asym", "brow_raise", "brow_tilt",
            "eye_open", "nose_wrinkle")
   params = {name: offsets[:, i] for i, name in enumerate(names)}
