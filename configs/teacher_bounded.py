@@ -52,13 +52,15 @@ def get_config(arg=None):
     config.teacher = cu.phase_config(
         "resnet18", dict(stem="imagenet", width=32, num_va=2),
         {"ce": dict(weight=1.0), "va": dict(kind="va_mse")},
-        epochs=epochs, batch_size=128, optimizer=cu.optimizer_config("sgd", lr=0.05))
+        epochs=epochs, batch_size=128, optimizer=cu.optimizer_config("adamw", lr=3e-3,
+                                                                     weight_decay=1e-4))
   student_input = dict(input_shape=(224, 224, 3)) if real else {}
   stem = "imagenet"  # 224 px on real data; strided on the 48 px faces for CPU speed
   config.student_mobilenet = cu.phase_config(
       "mobilenet_v2", dict(width=1.0 if real else 0.5, stem=stem, num_va=2), _student_terms(),
       epochs=epochs, batch_size=128, teacher="teacher",
-      optimizer=cu.optimizer_config("sgd", lr=0.05, weight_decay=4e-5), **student_input)
+      optimizer=cu.optimizer_config("sgd", lr=0.05, weight_decay=4e-5) if real else
+      cu.optimizer_config("adamw", lr=3e-3, weight_decay=1e-4), **student_input)
   config.student_efficientformer = cu.phase_config(
       "efficientformer_l3" if real else "efficientformer_l1", dict(num_va=2), _student_terms(),
       epochs=epochs, batch_size=128, teacher="teacher",

@@ -8,7 +8,8 @@ trained once per suite). ``quick`` shortens every phase for a 2-core CPU.
 """
 import ml_collections
 
-from configs import asdc, mkd, teacher_bounded
+from configs import (asdc, baseline_at, baseline_fitnets, baseline_hinton, baseline_student,
+                     mkd, teacher_bounded)
 
 TEACHER_ROWS = {
     "teacher": {},
@@ -16,18 +17,10 @@ TEACHER_ROWS = {
     "teacher_no_regions": {"num_regions": 0},
     "teacher_no_channel_mask": {"channel_mask_keep": 1.0},
 }
-STUDENT_TERMS = {
-    "student_alone": {"ce": dict(weight=1.0)},
-    "hinton": {"ce": dict(weight=0.1), "kd": dict(kind="hinton_kd", weight=0.9, temperature=4.0)},
-    "at": {"ce": dict(weight=1.0),
-           "at": dict(kind="attention_transfer", weight=500.0,
-                      pairs=(("stage3", "stage2"), ("stage4", "stage3"), ("stage5", "stage4")))},
-    "fitnets": {"ce": dict(weight=1.0),
-                "fitnet": dict(weight=1.0, pairs=(("stage3", "stage2"), ("stage4", "stage3"),
-                                                  ("stage5", "stage4")))},
-    "mkd": None,  # configs/mkd.py's own student terms
-}
-ROWS = (*TEACHER_ROWS, *STUDENT_TERMS, "tb_cls", "asdc_probe")
+# Student rows reuse the ablation configs, so a row and its config cannot drift apart.
+STUDENT_CONFIGS = {"student_alone": baseline_student, "hinton": baseline_hinton,
+                   "at": baseline_at, "fitnets": baseline_fitnets, "mkd": mkd}
+ROWS = (*TEACHER_ROWS, *STUDENT_CONFIGS, "tb_cls", "asdc_probe")
 
 
 def row_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
@@ -49,14 +42,14 @@ def row_config(dataset: str, arg: str | None) -> ml_collections.ConfigDict:
     config.student.terms = {k: v for k, v in tb.student_efficientformer.terms.items()
                             if k in ("ce", "kd")}
   else:
-    config = mkd.get_config(base)
+    config = STUDENT_CONFIGS.get(arg.row, mkd).get_config(base)
   config.name = f"{dataset}/{arg.row}"
   if arg.row in TEACHER_ROWS:
     config.phases = ("teacher",)
     config.teacher.model_kwargs.update(TEACHER_ROWS[arg.row])
-  elif STUDENT_TERMS.get(arg.row):
-    config.student.terms = STUDENT_TERMS[arg.row]
-  if arg.teacher_checkpoint and "teacher" in config.phases and arg.row not in TEACHER_ROWS:
+  # The AFNet teacher is shared; ASDC's teacher is its own self-supervised encoder.
+  if arg.teacher_checkpoint and arg.row in (*STUDENT_CONFIGS, "tb_cls") and \
+      "teacher" in config.phases:
     config.teacher.checkpoint = arg.teacher_checkpoint
   for phase in config.phases:
     if arg.epochs:

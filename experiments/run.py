@@ -42,7 +42,7 @@ def _row_arg(row, seed, teacher_dir):
     arg += f",epochs={_EPOCHS.value}"
   if _STEPS.value:
     arg += f",steps={_STEPS.value}"
-  if teacher_dir and row not in rows_lib.TEACHER_ROWS and row != "asdc_probe":
+  if teacher_dir:
     arg += f",teacher_checkpoint={teacher_dir}"
   return arg
 

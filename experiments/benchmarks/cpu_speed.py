@@ -203,11 +203,13 @@ def measure(cfg: dict, xla_flags: str) -> dict:
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
                         env=env, capture_output=True, text=True, check=False)
   lines = proc.stdout.strip().splitlines()
+  # The 1-minute load average just after the run, a record of competing work.
+  load = {"load": os.getloadavg()[0]}
   if "Unknown flag in XLA_FLAGS" in proc.stderr:
-    return {"error": "flag unknown to this jaxlib"}
+    return {"error": "flag unknown to this jaxlib", **load}
   if proc.returncode != 0 or not lines:
-    return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:120]}
-  return json.loads(lines[-1])
+    return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:120], **load}
+  return {**json.loads(lines[-1]), **load}
 
 
 def images_per_s(result: dict, batch: int) -> float | None:
@@ -318,10 +320,11 @@ def main():
 
   cpus = args.cpus or sorted(os.sched_getaffinity(0))
   started = time.time()
-  load_before = os.getloadavg()
+  loads = [os.getloadavg()[0]]
   table, results = main_table(args, cpus) if args.models else ([], [])
   explore, explore_results = flags_table(args, cpus) if args.explore_flags else ([], [])
-  load_after = os.getloadavg()
+  loads += [r[side]["load"] for r in results + explore_results for side in ("auto", "torch")
+            if "load" in r[side]]
   versions = {k: v for r in results + explore_results for side in ("auto", "torch")
               for k, v in r[side].items() if k in ("jax", "torch", "torch_threads")}
   command = "python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]])
@@ -339,11 +342,17 @@ def main():
       f"(fewer, shown as n, where they passed {args.max_run_seconds:.0f} s); "
       "images/s = batch / median call time; ± is half the (max - min) call-time range "
       "over the median",
-      f"* load average (1 min) before / after: {load_before[0]:.1f} / {load_after[0]:.1f}; "
-      f"total runtime {time.time() - started:.0f} s",
-      "",
-      *table,
+      f"* load average (1 min), sampled before and after each run: {min(loads):.1f} to "
+      f"{max(loads):.1f}; total runtime {time.time() - started:.0f} s",
   ]
+  peak_load = max(loads)
+  if peak_load > os.cpu_count():
+    lines.append(
+        f"* **Noisy**: the load average ({peak_load:.1f}) exceeded the machine's "
+        f"{os.cpu_count()} CPUs, so other processes competed for the pinned cores. "
+        "PyTorch's OpenMP threads lose more to that than XLA's thread pool, which "
+        "biases the ratios toward JAX. README.md has a run on an idle machine.")
+  lines += ["", *table]
   if explore:
     lines += ["", "## XLA flag sets", "", *explore]
   text = "\n".join(lines) + "\n"

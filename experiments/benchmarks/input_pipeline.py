@@ -18,10 +18,9 @@ On FER2013 (28,709 training images, 48x48x1) it measures images/s for:
     is augmentation's share of the step), and the AFNet teacher step.
 
 The input paths run at ``--batch_size``, the steps at ``--step_batch_size``
-(default: the same). On a small CPU host the steps' activations at batch 128
-need more memory than it has (about 12 GB of XLA temporaries for the student
-step alone), so the CPU table times the steps at a smaller batch; on CPU
-images/s of a step barely depends on the batch once it fills the cores.
+(default: the same). At batch 128 the student step needs 11.6 GB of XLA:CPU
+temporaries (the teacher step 2.7 GB), more than a small shared CPU host can
+spare, so the CPU table times the steps at a smaller batch (its batch column).
 
 Each row runs ``--warmup`` untimed batches (the first compiles), then up to
 ``--iters`` timed ones, each waited for; a row stops early, after

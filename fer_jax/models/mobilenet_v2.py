@@ -22,9 +22,8 @@ Stages (``aux`` keys) end where the resolution changes. Spatial sizes for the
 
 The 'small' stem (our choice for 48x48 FER2013 faces; the paper has no
 such variant) makes the stem conv and the first stride-2 block (c24) stride 1.
-This cuts the total stride from 32 to 8, so a 48 px face keeps a 6x6 final
-map, the same 8x-downsampled geometry that a 192 px image has with the
-ImageNet stem. At 48 px the stem, stage1 and stage2 maps are 48x48, then
+This cuts the total stride from 32 to 8, so a 48 px face ends at 6x6, the
+final map size that a 192 px image gets with the ImageNet stem. At 48 px the stem, stage1 and stage2 maps are 48x48, then
 stage3 24, stage4 12 and stage5 6. Channel widths are unchanged. The
 alternative, keeping the c24 block at stride 2, would end at 3x3.
 """
