@@ -143,11 +143,14 @@ def test_fusion_modes_match_formulas():
               "masked": rng.randn(BATCH, 5)}
   for mode in afnet.FUSIONS:
     module = afnet.BranchFusion(mode, EMBED_DIM)
-    params = module.init(jax.random.key(0), branches)["params"]
-    fused = module.apply({"params": params}, branches)
+    variables = module.init(jax.random.key(0), branches, train=False)
+    params = variables["params"]
+    fused = module.apply(variables, branches, train=False)
+    # Each projection is Dense -> BatchNorm (fresh running stats: mean 0,
+    # var 1, so x / sqrt(1 + eps)) -> ReLU.
     projected = np.stack([
-        branches[name] @ np.asarray(params[f"project_{name}"]["kernel"]) +
-        np.asarray(params[f"project_{name}"]["bias"]) for name in branches
+        np.maximum(branches[name] @ np.asarray(params[f"project_{name}"]["kernel"])
+                   / np.sqrt(1.0 + 1e-5), 0.0) for name in branches
     ], axis=1)
     if mode == "concat":
       expected = projected.reshape(BATCH, -1)
@@ -350,7 +353,8 @@ def added_parameters(stage_channels, fpn_dim, embed_dim, num_regions,
   channel = c * (c // 16) + bn(c // 16) + (c // 16) * c + c
   regions = num_regions * (spatial + channel) + c + 1
   masked = c * c + bn(c)
-  fusion = (3 * f * e + e) + 2 * (c * e + e)
+  # Each branch: a bias-free projection then BatchNorm (scale and bias).
+  fusion = (3 * f * e + bn(e)) + 2 * (c * e + bn(e))
   classifier = 3 * e * num_classes + num_classes
   return fpn + regions + masked + fusion + classifier
 

@@ -84,6 +84,9 @@ def parse_args(argv=None):
   parser.add_argument("--max_row_seconds", type=float, default=30.0,
                       help=f"stop timing a row after this long (at least "
                            f"{MIN_TIMED_CALLS} batches)")
+  parser.add_argument("--occlusion_prob", type=float, default=0.5,
+                      help="augment.occlusion_prob of every row (its cost is the same "
+                           "for any value above 0: every image is occluded, then chosen)")
   parser.add_argument("--read_threads", type=lambda s: [int(n) for n in s.split(",")],
                       default=[0, 2, 16],
                       help="Grain ReadOptions.num_threads values, one streaming row each")
@@ -106,8 +109,9 @@ def parse_args(argv=None):
 
 
 def benchmark_config(args):
-  """configs/mkd.py on FER2013 at ``--step_batch_size``, reading from the flags' dirs."""
+  """configs/mkd.py on FER2013 with the flags' batch, occlusion_prob and dirs."""
   config = mkd.get_config("data=fer2013")
+  config.augment.occlusion_prob = args.occlusion_prob
   if args.data_dir:
     config.data.data_dir = args.data_dir
   manual_dir = pathlib.Path(args.manual_dir or config.data.manual_dir).expanduser()
