@@ -4,7 +4,8 @@ On FER2013 (28,709 training images, 48x48x1) it measures images/s for:
 
   * device-resident input: a jitted ``sample_batch`` + ``augment`` (the
     input half of the fused step in ``fer_jax.steps``: the training set lives on
-    the device, the batch is drawn and augmented there);
+    the device, the batch is drawn and augmented there), with configs/mkd.py's
+    augment config at ``--occlusion_prob``;
   * Grain streaming: ``fer_jax.data.streaming.batches`` over the
     ``tfds.data_source`` split, each host batch turned into global arrays with
     ``to_global``, for each ``--read_threads`` count (Grain's prefetch threads
@@ -46,6 +47,7 @@ import datetime
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -139,9 +141,10 @@ def time_row(name, next_batch, batch_size, args) -> dict:
     if len(times) >= MIN_TIMED_CALLS and sum(times) > args.max_row_seconds:
       break
   row = {"path": name, "batch": batch_size, "timed": len(times), "first_s": first,
-         "images_per_s": batch_size * len(times) / sum(times)}
-  print(f"{name}: {row['images_per_s']:.1f} images/s ({len(times)} batches, "
-        f"first call {first:.1f} s)", flush=True)
+         "images_per_s": batch_size * len(times) / sum(times),
+         "spread": (max(times) - min(times)) / statistics.median(times) / 2}
+  print(f"{name}: {row['images_per_s']:.1f} images/s (±{100 * row['spread']:.0f}%, "
+        f"{len(times)} batches, first call {first:.1f} s)", flush=True)
   return row
 
 
@@ -252,16 +255,20 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
+def _ratio(value: float) -> str:
+  return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
 def render(rows, args, context) -> str:
   """The markdown section for this backend: setup lines, the table, augmentation's share."""
   consumers = [row for row in rows if row.get("augmented")]
-  header = ["path", "batch", "images/s", *[f"÷ {c['step']}" for c in consumers],
+  header = ["path", "batch", "images/s", "±", *[f"÷ {c['step']}" for c in consumers],
             "timed batches", "first call (s)"]
   lines = [f"## {context['backend']}: {context['device']}", "",
            f"* command: `{context['command']}`",
            f"* date: {context['date']}",
-           f"* CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); devices: "
-           f"{jax.device_count()} x {context['device']}",
+           f"* host CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); "
+           f"{jax.device_count()} {context['backend']} device(s): {context['device']}",
            f"* jax {jax.__version__}, grain {grain.__version__}, "
            f"Python {platform.python_version()}",
            f"* XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '') or '(none)'}`",
@@ -269,22 +276,28 @@ def render(rows, args, context) -> str:
            f"{context['load'][1]:.2f}; total runtime {context['runtime']:.0f} s",
            f"* {args.warmup} untimed batches (compile included) then "
            f"up to {args.iters} timed ones per row, fewer where a row passed "
-           f"{args.max_row_seconds:.0f} s; ÷ columns: the path's images/s over that "
-           "step's (> 1: the path keeps up)",
+           f"{args.max_row_seconds:.0f} s; images/s = images / seconds over the timed "
+           "batches; ± = half the (max - min) batch-time range over the median; "
+           "÷ columns: the path's images/s over that step's (> 1: the path keeps up)",
            "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
   for row in rows:
-    ratios = [f"{row['images_per_s'] / c['images_per_s']:.2f}" for c in consumers]
+    ratios = [_ratio(row["images_per_s"] / c["images_per_s"]) for c in consumers]
     lines.append(f"| {row['path']} | {row['batch']} | {row['images_per_s']:.1f} | "
-                 f"{' | '.join(ratios)} | {row['timed']} | {row['first_s']:.1f} |")
+                 f"{100 * row['spread']:.0f}% | {' | '.join(ratios)} | {row['timed']} | "
+                 f"{row['first_s']:.1f} |")
   lines.append("")
+  standalone = rows[0]  # the device-resident sample_batch + augment
   for consumer in consumers:
     plain = [row for row in rows
              if row.get("step") == consumer["step"] and not row["augmented"]]
     if not plain:
       continue
     share = 1 - consumer["images_per_s"] / plain[0]["images_per_s"]
-    lines.append(f"* augmentation's share of the {consumer['step']} time: {100 * share:.0f}% "
-                 "(1 - augment / no-augment images/s)")
+    lines.append(
+        f"* augmentation's share of the {consumer['step']} time: {100 * share:.1f}% from the "
+        f"no-augment step (1 - augment / no-augment images/s; compare the rows' ±), "
+        f"{100 * consumer['images_per_s'] / standalone['images_per_s']:.2f}% from the "
+        "standalone sample_batch + augment row (step images/s over its images/s)")
   return "\n".join(lines) + "\n"
 
 
@@ -318,7 +331,8 @@ def main(argv=None):
              step_row(*teacher, train_arrays, True, args)]
 
   context = dict(
-      backend=jax.default_backend(), device=jax.devices()[0].device_kind,
+      backend=jax.default_backend(),
+      device=cpu_model() if jax.default_backend() == "cpu" else jax.devices()[0].device_kind,
       command="python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]]),
       date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
       load=(load_before, os.getloadavg()[0]), runtime=time.time() - started)
