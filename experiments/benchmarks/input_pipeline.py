@@ -26,8 +26,10 @@ spare, so the CPU table times the steps at a smaller batch (its batch column).
 Each row runs ``--warmup`` untimed batches (the first compiles), then up to
 ``--iters`` timed ones, each waited for; a row stops early, after
 ``MIN_TIMED_CALLS``, once it has used ``--max_row_seconds``. images/s = images
-timed / seconds timed. A ratio above 1 means the path delivers faster than the
-step consumes. The streaming rows run alone here; in training, Grain's
+timed / seconds timed. The two student step variants are timed interleaved (one
+batch each in turn), so a change in the host's load during the run does not
+show up as augmentation cost. A ratio above 1 means the path delivers faster
+than the step consumes. The streaming rows run alone here; in training, Grain's
 threads share the host CPUs with the step (on a CPU backend they compete).
 
 The table for the current backend is appended to ``--out`` under a heading
@@ -60,6 +62,7 @@ sys.path.insert(0, str(REPO))
 # pylint: disable=wrong-import-position
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import mkd
@@ -126,26 +129,40 @@ def benchmark_config(args):
 # --- timing -------------------------------------------------------------------------
 
 
-def time_row(name, next_batch, batch_size, args) -> dict:
-  """Times ``next_batch()`` (returns when its batch is ready) as one table row."""
-  start = time.perf_counter()
-  next_batch()
-  first = time.perf_counter() - start
-  for _ in range(args.warmup - 1):
-    next_batch()
-  times = []
-  while len(times) < args.iters:
+def time_paths(paths, args) -> list[dict]:
+  """Times each path's ``next_batch()`` (returns when its batch is ready); a row each.
+
+  ``paths`` are dicts with ``path`` (the row's name), ``batch``, ``next_batch``,
+  optionally ``setup_s`` (compile time spent before the first call) and extra
+  fields copied into the row. Several paths are timed interleaved, one batch
+  each in turn, so a change of the host's load hits them alike.
+  """
+  firsts = []
+  for path in paths:
     start = time.perf_counter()
-    next_batch()
-    times.append(time.perf_counter() - start)
-    if len(times) >= MIN_TIMED_CALLS and sum(times) > args.max_row_seconds:
+    path["next_batch"]()
+    firsts.append(path.get("setup_s", 0.0) + time.perf_counter() - start)
+    for _ in range(args.warmup - 1):
+      path["next_batch"]()
+  times = [[] for _ in paths]
+  while len(times[0]) < args.iters:
+    for path, path_times in zip(paths, times):
+      start = time.perf_counter()
+      path["next_batch"]()
+      path_times.append(time.perf_counter() - start)
+    if (len(times[0]) >= MIN_TIMED_CALLS
+        and sum(map(sum, times)) > args.max_row_seconds * len(paths)):
       break
-  row = {"path": name, "batch": batch_size, "timed": len(times), "first_s": first,
-         "images_per_s": batch_size * len(times) / sum(times),
-         "spread": (max(times) - min(times)) / statistics.median(times) / 2}
-  print(f"{name}: {row['images_per_s']:.1f} images/s (±{100 * row['spread']:.0f}%, "
-        f"{len(times)} batches, first call {first:.1f} s)", flush=True)
-  return row
+  rows = []
+  for path, first, path_times in zip(paths, firsts, times):
+    row = {k: v for k, v in path.items() if k not in ("next_batch", "setup_s")}
+    row.update(timed=len(path_times), first_s=first,
+               images_per_s=path["batch"] * len(path_times) / sum(path_times),
+               spread=(max(path_times) - min(path_times)) / statistics.median(path_times) / 2)
+    print(f"{row['path']}: {row['images_per_s']:.1f} images/s (±{100 * row['spread']:.0f}%, "
+          f"{row['timed']} batches, first call {first:.1f} s)", flush=True)
+    rows.append(row)
+  return rows
 
 
 # --- the input paths ----------------------------------------------------------------
@@ -170,9 +187,9 @@ def device_resident_row(arrays, config, mesh, args) -> dict:
     step = jax.device_put(np.int32(next(counter)), steps.replicated(mesh))
     draw(data, step, rng).block_until_ready()
 
-  return time_row(f"device-resident sample_batch + augment "
-                  f"(occlusion_prob {augment_config.occlusion_prob})", next_batch,
-                  batch_size, args)
+  return time_paths([{"path": f"device-resident sample_batch + augment (occlusion_prob "
+                              f"{augment_config.occlusion_prob})",
+                      "batch": batch_size, "next_batch": next_batch}], args)[0]
 
 
 def streaming_row(split, mesh, read_threads, args) -> dict:
@@ -183,8 +200,9 @@ def streaming_row(split, mesh, read_threads, args) -> dict:
   def next_batch():
     jax.block_until_ready(streaming.to_global(next(batches), mesh))
 
-  row = time_row(f"Grain streaming + to_global, {read_threads} read threads", next_batch,
-                 args.batch_size, args)
+  row = time_paths([{"path": f"Grain streaming + to_global, {read_threads} read threads",
+                     "batch": args.batch_size, "next_batch": next_batch,
+                     "prefetched": read_threads > 0}], args)[0]
   batches.close()
   return row
 
@@ -211,7 +229,7 @@ def step_spec(phase) -> steps.StepSpec:
       model=phase.model, objective=phase.objective, tx=phase.tx,
       augment_config=phase.config.augment, batch_size=phase.batch_size, mesh=phase.mesh,
       teacher=teacher.model if teacher else None,
-      teacher_dtype=jax.numpy.dtype(phase.cfg.get("teacher_dtype", "float32")),
+      teacher_dtype=jnp.dtype(phase.cfg.get("teacher_dtype", "float32")),
       student_input=phase.input_shape,
       teacher_input=teacher.input_shape if teacher else None,
       contrastive=phase.cfg.get("contrastive", False),
@@ -223,25 +241,27 @@ def _normalise_only(key, images, cfg=None):
   return augment_lib.preprocess_eval(images, cfg)
 
 
-def step_row(phase, state, arrays, augmented: bool, args) -> dict:
-  """The phase's fused train step; without ``augmented``, augment only normalises."""
+def step_path(phase, state, arrays, augmented: bool) -> dict:
+  """The phase's fused train step, compiled; without ``augmented``, augment only normalises."""
   replicated = steps.replicated(phase.mesh)
   teacher_vars = phase.teacher.variables if phase.teacher else {}
   inputs = jax.device_put((phase.weights, teacher_vars, arrays), replicated)
-  state = [jax.tree.map(jax.numpy.copy, state)]  # the step donates it; keep the original
-  step_fn = steps.make_train_step(step_spec(phase))
+  state = [jax.tree.map(jnp.copy, state)]  # the step donates it; keep the original
+  swap = (contextlib.nullcontext() if augmented
+          else mock.patch.object(steps.augment_lib, "augment", _normalise_only))
+  start = time.perf_counter()
+  with swap:  # tracing reads steps.augment_lib.augment
+    step_fn = steps.make_train_step(step_spec(phase)).lower(state[0], *inputs).compile()
+  setup_s = time.perf_counter() - start
 
   def next_batch():
     state[0], metrics = step_fn(state[0], *inputs)
     metrics["loss"].block_until_ready()
 
   step = STEP_NAMES.get(phase.name, f"{phase.name} step")
-  swap = (contextlib.nullcontext() if augmented
-          else mock.patch.object(steps.augment_lib, "augment", _normalise_only))
-  with swap:  # the first call traces the step, reading steps.augment_lib.augment
-    row = time_row(f"{step}, {'augment' if augmented else 'no augment'}", next_batch,
-                   phase.batch_size, args)
-  return dict(row, step=step, augmented=augmented)
+  return {"path": f"{step}, {'augment' if augmented else 'no augment'}",
+          "batch": phase.batch_size, "next_batch": next_batch, "setup_s": setup_s,
+          "step": step, "augmented": augmented}
 
 
 # --- report -------------------------------------------------------------------------
@@ -277,13 +297,16 @@ def render(rows, args, context) -> str:
            f"* {args.warmup} untimed batches (compile included) then "
            f"up to {args.iters} timed ones per row, fewer where a row passed "
            f"{args.max_row_seconds:.0f} s; images/s = images / seconds over the timed "
-           "batches; ± = half the (max - min) batch-time range over the median; "
+           "batches; ± = half the (max - min) batch-time range over the median (none "
+           "for Grain rows with read threads: their batches come from a prefetch buffer, "
+           "in bursts); "
            "÷ columns: the path's images/s over that step's (> 1: the path keeps up)",
            "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
   for row in rows:
     ratios = [_ratio(row["images_per_s"] / c["images_per_s"]) for c in consumers]
+    spread = "–" if row.get("prefetched") else f"{100 * row['spread']:.0f}%"
     lines.append(f"| {row['path']} | {row['batch']} | {row['images_per_s']:.1f} | "
-                 f"{100 * row['spread']:.0f}% | {' | '.join(ratios)} | {row['timed']} | "
+                 f"{spread} | {' | '.join(ratios)} | {row['timed']} | "
                  f"{row['first_s']:.1f} |")
   lines.append("")
   standalone = rows[0]  # the device-resident sample_batch + augment
@@ -325,10 +348,11 @@ def main(argv=None):
   rows += [streaming_row(split, mesh, n, args) for n in args.read_threads]
   with tempfile.TemporaryDirectory() as workdir:
     teacher, student = build_phases(config, dataset, arrays, mesh, pathlib.Path(workdir))
-    # The student step is the main consumer: only its augmentation share is measured.
-    rows += [step_row(*student, train_arrays, True, args),
-             step_row(*student, train_arrays, False, args),
-             step_row(*teacher, train_arrays, True, args)]
+    # The student step is the main consumer: only its augmentation share is
+    # measured, its two variants interleaved so load drift cannot fake a share.
+    rows += time_paths([step_path(*student, train_arrays, True),
+                        step_path(*student, train_arrays, False)], args)
+    rows += time_paths([step_path(*teacher, train_arrays, True)], args)
 
   context = dict(
       backend=jax.default_backend(),
