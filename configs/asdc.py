@@ -9,7 +9,7 @@ Reconstruction (methods.md §1c; the paper's text is not public): three phases.
     evaluation, the protocol the paper's 62.04 % on FER2013 implies).
 
 Embedded default, 2 CPU cores:
-  python -m fer_jax.main --config=configs/asdc.py --workdir=/tmp/fer_asdc
+  python -m fer_jax.main --config=configs/asdc.py --workdir=workdirs/fer_asdc
 FER2013: --config=configs/asdc.py:data=fer2013
 Smoke test: --config=configs/asdc.py:smoke
 """

@@ -2,9 +2,9 @@ r"""Attention transfer only (Zagoruyko & Komodakis 2017), beta = 1000 (weight = 
 
 The same teacher as configs/mkd.py; the student (MobileNetV2) learns with cross-entropy + attention transfer at three stages.
 Reuse a trained teacher instead of retraining it:
-  python -m fer_jax.main --config=configs/baseline_at.py --workdir=/tmp/fer_baseline_at \
-      --config.teacher.checkpoint=/tmp/fer_mkd/teacher/best
-Embedded default: python -m fer_jax.main --config=configs/baseline_at.py --workdir=/tmp/fer_baseline_at
+  python -m fer_jax.main --config=configs/baseline_at.py --workdir=workdirs/fer_baseline_at \
+      --config.teacher.checkpoint=workdirs/fer_mkd/teacher/best
+Embedded default: python -m fer_jax.main --config=configs/baseline_at.py --workdir=workdirs/fer_baseline_at
   expected: see experiments/synthetic/results.md for the measured row.
 Smoke test: --config=configs/baseline_at.py:smoke
 """

@@ -2,9 +2,9 @@ r"""FitNets hints only (Romero et al. 2015): 1x1 adapters at three stages.
 
 The same teacher as configs/mkd.py; the student (MobileNetV2) learns with cross-entropy + FitNets hints (single stage, jointly trained).
 Reuse a trained teacher instead of retraining it:
-  python -m fer_jax.main --config=configs/baseline_fitnets.py --workdir=/tmp/fer_baseline_fitnets \
-      --config.teacher.checkpoint=/tmp/fer_mkd/teacher/best
-Embedded default: python -m fer_jax.main --config=configs/baseline_fitnets.py --workdir=/tmp/fer_baseline_fitnets
+  python -m fer_jax.main --config=configs/baseline_fitnets.py --workdir=workdirs/fer_baseline_fitnets \
+      --config.teacher.checkpoint=workdirs/fer_mkd/teacher/best
+Embedded default: python -m fer_jax.main --config=configs/baseline_fitnets.py --workdir=workdirs/fer_baseline_fitnets
   expected: see experiments/synthetic/results.md for the measured row.
 Smoke test: --config=configs/baseline_fitnets.py:smoke
 """

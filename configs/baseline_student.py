@@ -1,7 +1,7 @@
 r"""The student alone: MobileNetV2 trained on labels only (the no-distillation ablation).
 
 The student of configs/mkd.py with the same schedule, no teacher.
-Embedded default: python -m fer_jax.main --config=configs/baseline_student.py --workdir=/tmp/fer_baseline_student
+Embedded default: python -m fer_jax.main --config=configs/baseline_student.py --workdir=workdirs/fer_baseline_student
   expected: see experiments/synthetic/results.md for the measured row.
 Smoke test: --config=configs/baseline_student.py:smoke
 """

@@ -8,10 +8,10 @@ teacher's maps). Both are evaluated clean and under the four synthetic
 occlusions.
 
 Embedded default dataset (no download), 2 CPU cores:
-  python -m fer_jax.main --config=configs/mkd.py --workdir=/tmp/fer_mkd
+  python -m fer_jax.main --config=configs/mkd.py --workdir=workdirs/fer_mkd
   expected: student/test/accuracy >= 0.90 in under 5 minutes (see README).
 FER2013 (built from ../shared/data or your download on first use):
-  python -m fer_jax.main --config=configs/mkd.py:data=fer2013 --workdir=/tmp/fer_mkd_fer
+  python -m fer_jax.main --config=configs/mkd.py:data=fer2013 --workdir=workdirs/fer_mkd_fer
 Smoke test (a few steps): --config=configs/mkd.py:smoke
 """
 import ml_collections

@@ -10,10 +10,10 @@ alpha, T, nu and the margin m are not public (methods.md §1b): alpha = 0.1,
 T = 4, nu = 0.5, m = 0 follow Chen et al.'s reimplementations.
 
 Embedded default, 2 CPU cores:
-  python -m fer_jax.main --config=configs/teacher_bounded.py --workdir=/tmp/fer_tb
+  python -m fer_jax.main --config=configs/teacher_bounded.py --workdir=workdirs/fer_tb
 AffectNet with the official EmoNet weights (convert them first, see README):
   python -m fer_jax.main --config=configs/teacher_bounded.py:data=affectnet \
-      --config.data.manual_dir=/path/to/AffectNet --workdir=/tmp/fer_tb_affectnet \
+      --config.data.manual_dir=/path/to/AffectNet --workdir=workdirs/fer_tb_affectnet \
       --config.teacher.checkpoint=/path/to/emonet_8_converted
 Smoke test: --config=configs/teacher_bounded.py:smoke
 """

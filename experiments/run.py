@@ -1,7 +1,7 @@
 r"""Runs reproduction rows and writes the committed tables and plots.
 
   python -m experiments.run --suite=fer2013 --rows=teacher,student_alone,mkd \
-      --workroot=/tmp/fer_rows [--quick] [--seeds=0,1,2]
+      --workroot=workdirs/rows [--quick] [--seeds=0,1,2]
 
 The teacher row is trained first and reused (``teacher_checkpoint``) by every
 student row of the same seed. Writes experiments/<suite>/results.json (flat
@@ -25,7 +25,7 @@ from fer_jax import train
 
 _SUITE = flags.DEFINE_enum("suite", "fer2013", ["fer2013", "ferplus"], "Which dataset suite.")
 _ROWS = flags.DEFINE_list("rows", ["teacher", "mkd"], f"Rows to run: {', '.join(rows_lib.ROWS)}")
-_WORKROOT = flags.DEFINE_string("workroot", "/tmp/fer_rows", "Where run directories go.")
+_WORKROOT = flags.DEFINE_string("workroot", "workdirs/rows", "Where run directories go.")
 _QUICK = flags.DEFINE_bool("quick", False, "Shortened schedules for a 2-core CPU.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; mean and std are reported.")
 _EPOCHS = flags.DEFINE_integer("epochs", 0, "Override every phase's epochs (0: the config's).")

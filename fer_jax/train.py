@@ -233,9 +233,9 @@ class Phase:
 
   # --- training --------------------------------------------------------------
 
-  def train(self):
-    state = self.init_state()
-    spec = steps.StepSpec(
+  def step_spec(self) -> steps.StepSpec:
+    """The static description of this phase's train step (after ``init_state``)."""
+    return steps.StepSpec(
         model=self.model, objective=self.objective, tx=self.tx,
         augment_config=self.config.augment, batch_size=self.batch_size, mesh=self.mesh,
         teacher=self.teacher.model if self.teacher else None,
@@ -244,7 +244,14 @@ class Phase:
         teacher_input=self.teacher.input_shape if self.teacher else None,
         contrastive=self.cfg.get("contrastive", False),
         ema_momentum=self.cfg.get("ema_momentum", 0.999))
-    step_fn = steps.make_train_step(spec)
+
+  def finish(self, variables) -> "FinishedPhase":
+    """This phase with ``variables``, usable as a later phase's teacher."""
+    return FinishedPhase(self.cfg, self.model, variables, self.input_shape)
+
+  def train(self):
+    state = self.init_state()
+    step_fn = steps.make_train_step(self.step_spec())
     ckpts = checkpoint_lib.Checkpoints(self.workdir / "checkpoints")
     best_ckpts = checkpoint_lib.Checkpoints(self.workdir / "best", max_to_keep=1)
     best = {"score": -1.0, "step": 0}
@@ -425,8 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     phase = Phase(config, name, dataset, arrays, mesh, workdir, writer, finished)
     phase.check_layer_names()
     results.update(_phase_results(config, phase, details))
-    finished[name] = FinishedPhase(phase.cfg, phase.model, phase.final_variables,
-                                   phase.input_shape)
+    finished[name] = phase.finish(phase.final_variables)
   results = {k: v for k, v in sorted(results.items())}
   if jax.process_index() == 0:
     (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")

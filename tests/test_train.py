@@ -55,22 +55,14 @@ def build_student_phase(config, mesh, tmp_path):
   writer = train.MetricWriter(tmp_path / "metrics.jsonl")
   teacher = train.Phase(config, "teacher", dataset, arrays, mesh, tmp_path, writer, {})
   teacher_state = teacher.init_state()
-  finished = {"teacher": train.FinishedPhase(teacher.cfg, teacher.model,
-                                             teacher.variables_of(teacher_state),
-                                             teacher.input_shape)}
+  finished = {"teacher": teacher.finish(teacher.variables_of(teacher_state))}
   phase = train.Phase(config, "student", dataset, arrays, mesh, tmp_path, writer, finished)
   state = phase.init_state()
   return phase, state, arrays
 
 
-def step_spec(phase, mesh):
-  return steps.StepSpec(model=phase.model, objective=phase.objective, tx=phase.tx,
-                        augment_config=phase.config.augment, batch_size=phase.batch_size,
-                        mesh=mesh, teacher=phase.teacher.model)
-
-
 def run_steps(phase, state, arrays, mesh, n, instrument=lambda f: f, weights=None):
-  step_fn = steps.make_train_step(step_spec(phase, mesh), instrument)
+  step_fn = steps.make_train_step(phase.step_spec(), instrument)
   data = jax.device_put(arrays["train"], steps.replicated(mesh))
   teacher_vars = jax.device_put(phase.teacher.variables, steps.replicated(mesh))
   for i in range(n):
@@ -214,8 +206,7 @@ def test_unknown_layer_name_fails_before_compiling(tmp_path):
   dataset, arrays = train.load_data(config.data)
   writer = train.MetricWriter(tmp_path / "m.jsonl")
   teacher = train.Phase(config, "teacher", dataset, arrays, mesh, tmp_path, writer, {})
-  finished = {"teacher": train.FinishedPhase(teacher.cfg, teacher.model, None,
-                                             teacher.input_shape)}
+  finished = {"teacher": teacher.finish(None)}
   phase = train.Phase(config, "student", dataset, arrays, mesh, tmp_path, writer, finished)
   with pytest.raises(ValueError, match="student layer 'stage9'.*available: logits, embedding"):
     phase.check_layer_names()

@@ -38,10 +38,10 @@ naming the backend, so tables from other machines accumulate in one file.
 Usage (the commands behind input_pipeline.md):
 
   # CPU
-  python experiments/benchmarks/input_pipeline.py --data_dir=/tmp/fer_tfds \\
+  python experiments/benchmarks/input_pipeline.py --data_dir=~/tensorflow_datasets \\
       --step_batch_size=32
   # GPU
-  python experiments/benchmarks/input_pipeline.py --data_dir=/tmp/fer_tfds
+  python experiments/benchmarks/input_pipeline.py --data_dir=~/tensorflow_datasets
 """
 import argparse
 import contextlib
@@ -215,25 +215,9 @@ def build_phases(config, dataset, arrays, mesh, workdir):
   writer = train.MetricWriter(workdir / "metrics.jsonl")
   teacher = train.Phase(config, "teacher", dataset, arrays, mesh, workdir, writer, {})
   teacher_state = teacher.init_state()
-  finished = {"teacher": train.FinishedPhase(teacher.cfg, teacher.model,
-                                             teacher.variables_of(teacher_state),
-                                             teacher.input_shape)}
+  finished = {"teacher": teacher.finish(teacher.variables_of(teacher_state))}
   student = train.Phase(config, "student", dataset, arrays, mesh, workdir, writer, finished)
   return [(teacher, teacher_state), (student, student.init_state())]
-
-
-def step_spec(phase) -> steps.StepSpec:
-  """The StepSpec ``train.Phase.train`` builds for ``phase``."""
-  teacher = phase.teacher
-  return steps.StepSpec(
-      model=phase.model, objective=phase.objective, tx=phase.tx,
-      augment_config=phase.config.augment, batch_size=phase.batch_size, mesh=phase.mesh,
-      teacher=teacher.model if teacher else None,
-      teacher_dtype=jnp.dtype(phase.cfg.get("teacher_dtype", "float32")),
-      student_input=phase.input_shape,
-      teacher_input=teacher.input_shape if teacher else None,
-      contrastive=phase.cfg.get("contrastive", False),
-      ema_momentum=phase.cfg.get("ema_momentum", 0.999))
 
 
 def _normalise_only(key, images, cfg=None):
@@ -251,7 +235,7 @@ def step_path(phase, state, arrays, augmented: bool) -> dict:
           else mock.patch.object(steps.augment_lib, "augment", _normalise_only))
   start = time.perf_counter()
   with swap:  # tracing reads steps.augment_lib.augment
-    step_fn = steps.make_train_step(step_spec(phase)).lower(state[0], *inputs).compile()
+    step_fn = steps.make_train_step(phase.step_spec()).lower(state[0], *inputs).compile()
   setup_s = time.perf_counter() - start
 
   def next_batch():

@@ -1,6 +1,6 @@
 r"""FERPlus reproduction rows, majority labels (select on Valid, report on Test + RAN lists).
 
-  python -m fer_jax.main --config=experiments/ferplus/config.py:row=mkd --workdir=/tmp/ferplus_mkd
+  python -m fer_jax.main --config=experiments/ferplus/config.py:row=mkd --workdir=workdirs/ferplus_mkd
 Rows: teacher, teacher_no_fpn, teacher_no_regions, teacher_no_channel_mask,
 student_alone, hinton, at, fitnets, mkd, tb_cls, asdc_probe. Add ``quick`` for a
 2-core CPU budget and ``teacher_checkpoint=DIR/teacher/best`` to reuse a teacher.
