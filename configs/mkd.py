@@ -9,7 +9,8 @@ occlusions.
 
 Embedded default dataset (no download), 2 CPU cores:
   python -m fer_jax.main --config=configs/mkd.py --workdir=workdirs/fer_mkd
-  expected: student/test/accuracy >= 0.90 in under 5 minutes (see README).
+  measured (idle 2-core CPU, 6 min 38 s wall): teacher/test/accuracy 0.973,
+  student/test/accuracy 0.918, student/test_occluded/accuracy 0.585.
 FER2013 (built from ../shared/data or your download on first use):
   python -m fer_jax.main --config=configs/mkd.py:data=fer2013 --workdir=workdirs/fer_mkd_fer
 Smoke test (a few steps): --config=configs/mkd.py:smoke
@@ -37,6 +38,11 @@ def get_config(arg=None):
   config.data = cu.data_config(arg.data, smoke=arg.smoke)
   config.augment = default_augment_config()
   config.augment.occlusion_prob = 0.3
+  if not real:
+    # The embedded faces vary in pose, scale and position already; a few-minute
+    # CPU run learns faster without the geometric jitter and random erasing.
+    config.augment.update(crop_scale=(1.0, 1.0), rotation_deg=0.0, erase_prob=0.0,
+                          occlusion_prob=0.2)
   config.eval_batch_size = 512
   config.phases = ("teacher", "student")
 
@@ -50,14 +56,14 @@ def get_config(arg=None):
            num_regions=4, use_fpn=True, channel_mask_keep=0.8, fusion="concat"),
       {"ce": dict(weight=1.0, label_smoothing=0.1),
        "region": dict(kind="aux_loss", weight=0.1, key="region_loss")},
-      epochs=40 if real else 6, batch_size=128, optimizer=_optimizer(real))
+      epochs=40 if real else 3, batch_size=128 if real else 64, optimizer=_optimizer(real))
   config.student = cu.phase_config(
       "mobilenet_v2", dict(width=1.0 if real else 0.5, stem=stem),
       {"ce": dict(weight=0.1),
        "kd": dict(kind="hinton_kd", weight=0.9, temperature=4.0),
        "mkd": dict(weight=1.0, attention="learned",
                    pairs=(("stage3", "stage2"), ("stage4", "stage3"), ("stage5", "stage4")))},
-      epochs=40 if real else 6, batch_size=128, teacher="teacher",
+      epochs=40 if real else 4, batch_size=128 if real else 64, teacher="teacher",
       optimizer=_optimizer(real, weight_decay=4e-5))
   if arg.smoke:
     cu.smoke_phase(config.teacher)

@@ -64,6 +64,17 @@ def check_workdir(workdir: str) -> pathlib.Path:
   return path
 
 
+def run_once(fn, *args):
+  """Runs ``fn`` once as one program compiled without backend optimisation.
+
+  Initialisation runs once; unoptimised code generation halves its compile time
+  on XLA:CPU.
+  """
+  compiled = jax.jit(fn).lower(*args).compile(
+      compiler_options={"xla_backend_optimization_level": 0})
+  return compiled(*args)
+
+
 def build_model(phase_cfg, num_classes: int):
   return models.build(phase_cfg.model, num_classes=num_classes,
                       **dict(phase_cfg.get("model_kwargs", None) or {}))
@@ -119,6 +130,8 @@ class Phase:
     self.num_classes = len(dataset.class_names)
     self.model = build_model(self.cfg, self.num_classes)
     self.input_shape = input_shape(self.cfg, arrays[config.data.train_split])
+    # One predict program per phase serves validation, test and every occluded test.
+    self._predict = steps.make_predict(self.model, config.augment, mesh, self.input_shape)
     teacher_name = self.cfg.get("teacher", "")
     if teacher_name and teacher_name not in finished:
       raise ValueError(f"{name}.teacher={teacher_name!r} must name an earlier phase; "
@@ -147,7 +160,8 @@ class Phase:
 
   def _dummy_batch(self, batch):
     train = self.arrays[self.config.data.train_split]
-    return {k: jnp.zeros((batch, *v.shape[1:]), v.dtype) for k, v in train.items()}
+    return {k: jnp.zeros((batch, *v.shape[1:]), jax.dtypes.canonicalize_dtype(v.dtype))
+            for k, v in train.items()}
 
   def check_layer_names(self):
     """Fails before compiling if a term addresses a layer a model does not have."""
@@ -181,12 +195,15 @@ class Phase:
     rng = jax.random.PRNGKey(self.config.seed + 1000 * self.config.phases.index(self.name))
     init_rng, obj_rng, state_rng = jax.random.split(rng, 3)
     x = self._dummy_images(2)
-    variables = jax.jit(lambda r: self.model.init({"params": r, "dropout": r}, x, train=False))(
-        init_rng)
+    variables = run_once(lambda r: self.model.init({"params": r, "dropout": r}, x, train=False),
+                         init_rng)
     variables = self._initialise_from(dict(variables))
-    student = objectives.ModelOutput(*self.model.apply(variables, x, train=False))
-    teacher = (objectives.ModelOutput(*self.teacher.model.apply(
-        self.teacher.variables, self._dummy_images(2, self.teacher.input_shape), train=False))
+    # The loss terms' parameters depend only on the shapes of the model outputs;
+    # shapes are traced, not run op by op (eager Flax costs tens of seconds on CPU).
+    zeros_like = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+    student = zeros_like(self._output_shapes(self.model, x))
+    teacher = (zeros_like(self._output_shapes(
+        self.teacher.model, self._dummy_images(2, self.teacher.input_shape)))
                if self.teacher is not None else None)
     objective = self.objective
     batch = self._dummy_batch(2 * (2 if self.cfg.get("contrastive", False) else 1))
@@ -197,7 +214,8 @@ class Phase:
       student, teacher = double(student), double(teacher) if teacher is not None else None
       proj = student.aux["projection"]
       batch = dict(batch, moco_key=proj, moco_queue=jnp.zeros((8, proj.shape[-1])))
-    objective_vars = objective.init(obj_rng, student, teacher, batch, True)
+    objective_vars = run_once(lambda *args: objective.init(*args, True),
+                              obj_rng, student, teacher, batch)
     params = {"model": variables["params"], "objective": objective_vars.get("params", {})}
     self.tx = make_optimizer(self.cfg, self.total_steps, params)
     state = {"step": jnp.int32(0), "rng": state_rng, "params": params,
@@ -334,14 +352,15 @@ class Phase:
 
   # --- evaluation ------------------------------------------------------------
 
-  def predictions(self, variables, split: str, occlusion_kind: str | None = None):
-    arrays = self.arrays[split]
-    predict = steps.make_predict(self.model, self.config.augment, self.mesh, occlusion_kind,
-                                 self.config.data.get("occlusion_seed", 0), self.input_shape)
-    return predict_split(predict, variables, arrays, self.config.eval_batch_size, self.mesh)
+  def predictions(self, variables, split: str):
+    """Logits and V/A of ``split``, which may be a ``<split>_occluded_<kind>``."""
+    if split not in self.arrays:
+      self.arrays[split] = occluded_split(self.arrays, split, self.config, self.mesh)
+    return predict_split(self._predict, variables, self.arrays[split],
+                         self.config.eval_batch_size)
 
-  def evaluate_split(self, variables, split, step=None, occlusion_kind=None) -> dict:
-    logits, va = self.predictions(variables, split, occlusion_kind)
+  def evaluate_split(self, variables, split, step=None) -> dict:
+    logits, va = self.predictions(variables, split)
     arrays = self.arrays[split]
     result = metrics_lib.classification(arrays["label"], logits)
     if va.shape[-1] and "valence" in arrays:
@@ -353,22 +372,37 @@ class Phase:
     return result
 
 
-def predict_split(predict, variables, arrays, batch_size, mesh):
-  """Runs ``predict`` over a whole split in padded, sharded batches."""
+def _padded_batches(arrays, batch_size, *fields):
+  """Yields (count, padded arrays of ``fields``) over a split in whole batches."""
   n = len(arrays["label"])
   batch_size = math.ceil(batch_size / jax.device_count()) * jax.device_count()
-  images, indices = arrays["image"], arrays.get("index", np.arange(n))
-  logits, va = [], []
   for start in range(0, n, batch_size):
     stop = min(start + batch_size, n)
     pad = batch_size - (stop - start)
-    img = np.concatenate([images[start:stop], np.zeros((pad, *images.shape[1:]), images.dtype)])
-    idx = np.concatenate([indices[start:stop], np.zeros(pad, indices.dtype)])
-    out = predict(variables, img, idx)
-    out = jax.device_get(out)
-    logits.append(out[0][:stop - start])
-    va.append(out[1][:stop - start])
+    yield stop - start, [np.concatenate([arrays[f][start:stop],
+                                         np.zeros((pad, *arrays[f].shape[1:]), arrays[f].dtype)])
+                         for f in fields]
+
+
+def predict_split(predict, variables, arrays, batch_size):
+  """Runs ``predict`` over a whole split in padded, sharded batches."""
+  logits, va = [], []
+  for count, (images,) in _padded_batches(arrays, batch_size, "image"):
+    out = jax.device_get(predict(variables, images))
+    logits.append(out[0][:count])
+    va.append(out[1][:count])
   return np.concatenate(logits), np.concatenate(va)
+
+
+def occluded_split(arrays, name: str, config, mesh) -> dict:
+  """The split ``<split>_occluded_<kind>``: ``<split>`` under the fixed test occluder."""
+  source, marker, kind = name.rpartition("_occluded_")
+  if not marker or source not in arrays:
+    raise KeyError(f"no split {name!r}; loaded: {', '.join(sorted(arrays))}")
+  occlude = steps.make_occlude(mesh, kind, config.data.get("occlusion_seed", 0))
+  images = [jax.device_get(occlude(img, idx))[:count] for count, (img, idx) in
+            _padded_batches(arrays[source], config.eval_batch_size, "image", "index")]
+  return dict(arrays[source], image=np.concatenate(images))
 
 
 def _copy_matching(target, source, where):
@@ -468,8 +502,8 @@ def _phase_results(config, phase: Phase, details) -> dict:
       results.update({f"{phase.name}/{split}/{k}": v for k, v in metrics.items()})
     occluded = []
     for kind in data.get("occlusion_kinds", ()):
-      metrics = phase.evaluate_split(phase.final_variables, data.test_split,
-                                     occlusion_kind=kind)
+      metrics = phase.evaluate_split(phase.final_variables,
+                                     f"{data.test_split}_occluded_{kind}")
       metrics.pop("confusion")
       occluded.append(metrics["accuracy"])
       results.update({f"{phase.name}/{data.test_split}_occluded_{kind}/{k}": v

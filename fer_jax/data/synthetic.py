@@ -12,7 +12,8 @@ read (FACS-style action units, coarsely):
   * nose wrinkle lines (AU9, disgust).
 
 Each face also varies in identity (face shape, feature spacing, skin tone),
-pose (roll, yaw as a feature shift, scale, translation), lighting (a linear
+pose (roll, yaw as a feature shift, scale, translation; the face fills the
+frame as in FER2013's tight crops), lighting (a linear
 gradient and global gain), expression intensity and pixel noise, so the task
 is learnable but not trivial. Every image carries a valence/arousal ground
 truth: its class centroid on Russell's circumplex scaled by its intensity plus
@@ -145,7 +146,7 @@ def _sample_params(labels: np.ndarray, rng: np.random.Generator) -> tuple[dict, 
   params["eye_open"] = np.clip(params["eye_open"], -0.7, None)
   params.update(
       shift_x=rng.normal(0, 1.5, n), shift_y=rng.normal(0, 1.5, n),
-      roll=rng.normal(0, 0.12, n), scale=rng.uniform(0.85, 1.15, n),
+      roll=rng.normal(0, 0.12, n), scale=rng.uniform(1.1, 1.4, n),
       yaw=rng.normal(0, 1.2, n),
       face_width=rng.uniform(14, 18, n), face_height=rng.uniform(18, 22, n),
       eye_spacing=rng.uniform(5.5, 7.0, n), eye_height=rng.normal(0, 0.8, n),
