@@ -37,8 +37,9 @@ def get_config(arg=None):
   config.seed = arg.seed
   config.data = cu.data_config(arg.data, smoke=arg.smoke)
   config.augment = default_augment_config()
-  config.augment.occlusion_prob = 0.3
-  if not real:
+  if real:
+    config.augment.occlusion_prob = 0.3
+  else:
     # The embedded faces vary in pose, scale and position already; a few-minute
     # CPU run learns faster without the geometric jitter and random erasing.
     config.augment.update(crop_scale=(1.0, 1.0), rotation_deg=0.0, erase_prob=0.0,
