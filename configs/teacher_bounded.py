@@ -11,6 +11,9 @@ T = 4, nu = 0.5, m = 0 follow Chen et al.'s reimplementations.
 
 Embedded default, 2 CPU cores:
   python -m fer_jax.main --config=configs/teacher_bounded.py --workdir=workdirs/fer_tb
+  measured (idle 2-core CPU, 13 min 34 s wall), test accuracy / valence CCC /
+  arousal CCC: teacher 0.996 / 0.967 / 0.950, student_mobilenet 0.886 / 0.903 /
+  0.886, student_efficientformer 0.971 / 0.942 / 0.919.
 AffectNet with the official EmoNet weights (convert them first, see README):
   python -m fer_jax.main --config=configs/teacher_bounded.py:data=affectnet \
       --config.data.manual_dir=/path/to/AffectNet --workdir=workdirs/fer_tb_affectnet \
@@ -31,8 +34,9 @@ def _student_terms():
 
 
 def get_config(arg=None):
-  arg = cu.parse_arg(arg, smoke=False, data="synthetic", seed=0)
+  arg = cu.parse_arg(arg, smoke=False, data="synthetic", seed=0, cpu=False)
   real = arg.data != "synthetic"
+  full_size = real and not arg.cpu  # ``cpu``: the embedded default's students on real data
   config = ml_collections.ConfigDict()
   config.name = "teacher_bounded"
   config.seed = arg.seed
@@ -54,15 +58,17 @@ def get_config(arg=None):
         {"ce": dict(weight=1.0), "va": dict(kind="va_mse")},
         epochs=epochs, batch_size=128, optimizer=cu.optimizer_config("adamw", lr=3e-3,
                                                                      weight_decay=1e-4))
-  student_input = dict(input_shape=(224, 224, 3)) if real else {}
+  student_input = dict(input_shape=(224, 224, 3)) if full_size else {}
   stem = "imagenet"  # 224 px on real data; strided on the 48 px faces for CPU speed
   config.student_mobilenet = cu.phase_config(
-      "mobilenet_v2", dict(width=1.0 if real else 0.5, stem=stem, num_va=2), _student_terms(),
+      "mobilenet_v2", dict(width=1.0 if full_size else 0.5, stem=stem, num_va=2),
+      _student_terms(),
       epochs=epochs, batch_size=128, teacher="teacher",
       optimizer=cu.optimizer_config("sgd", lr=0.05, weight_decay=4e-5) if real else
       cu.optimizer_config("adamw", lr=3e-3, weight_decay=1e-4), **student_input)
   config.student_efficientformer = cu.phase_config(
-      "efficientformer_l3" if real else "efficientformer_l1", dict(num_va=2), _student_terms(),
+      "efficientformer_l3" if full_size else "efficientformer_l1", dict(num_va=2),
+      _student_terms(),
       epochs=epochs, batch_size=128, teacher="teacher",
       optimizer=cu.optimizer_config("adamw", lr=1e-3, weight_decay=0.025), **student_input)
   if arg.smoke:

@@ -12,6 +12,7 @@ region-attention maps on occluded PrivateTest faces. Rows already present in
 results.json are kept, so suites can be filled in over several runs.
 """
 import json
+import os
 import pathlib
 import platform
 import time
@@ -21,17 +22,20 @@ import numpy as np
 from absl import app, flags
 
 from experiments import rows as rows_lib
-from fer_jax import train
+from fer_jax import checkpoint, train
+from fer_jax.tools import count as count_lib
 
-_SUITE = flags.DEFINE_enum("suite", "fer2013", ["fer2013", "ferplus"], "Which dataset suite.")
+_SUITE = flags.DEFINE_enum("suite", "fer2013", ["fer2013", "ferplus", "synthetic"],
+                           "Which dataset suite (synthetic: the embedded default faces).")
 _ROWS = flags.DEFINE_list("rows", ["teacher", "mkd"], f"Rows to run: {', '.join(rows_lib.ROWS)}")
 _WORKROOT = flags.DEFINE_string("workroot", "workdirs/rows", "Where run directories go.")
-_QUICK = flags.DEFINE_bool("quick", False, "Shortened schedules for a 2-core CPU.")
+_QUICK = flags.DEFINE_bool("quick", False, "2-core CPU budget: the configs' cpu models, few epochs.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; mean and std are reported.")
 _EPOCHS = flags.DEFINE_integer("epochs", 0, "Override every phase's epochs (0: the config's).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Override every phase's steps (a dry run).")
 
 HERE = pathlib.Path(__file__).resolve().parent
+IMAGE_SHAPE = (48, 48, 1)  # FER2013, FER+ and the embedded faces
 
 
 def _row_arg(row, seed, teacher_dir):
@@ -51,14 +55,32 @@ def _reported_phase(config):
   return "probe" if "probe" in config.phases else config.phases[-1]
 
 
+def _cpu_images_per_second(phase_cfg, workdir: pathlib.Path) -> float:
+  class_names = json.loads((workdir / "details.json").read_text())["class_names"]
+  return count_lib.cpu_images_per_second(
+      phase_cfg.model, tuple(phase_cfg.get("input_shape", None) or IMAGE_SHAPE),
+      num_classes=len(class_names), **dict(phase_cfg.get("model_kwargs", None) or {}))
+
+
 def hardware() -> str:
   device = jax.devices()[0]
-  kind = device.device_kind if device.platform != "cpu" else platform.processor() or "cpu"
-  return f"{jax.device_count()}x {kind} ({device.platform})"
+  if device.platform != "cpu":
+    return f"{jax.device_count()}x {device.device_kind} ({device.platform})"
+  return f"{len(os.sched_getaffinity(0))} CPU cores ({_cpu_model()})"
+
+
+def _cpu_model() -> str:
+  cpuinfo = pathlib.Path("/proc/cpuinfo")
+  if cpuinfo.is_file():
+    for line in cpuinfo.read_text().splitlines():
+      if line.startswith("model name"):
+        return line.partition(":")[2].strip()
+  return platform.processor() or platform.machine()
 
 
 def main(argv):
   del argv
+  checkpoint.quiet_logs()
   suite = _SUITE.value
   out_dir = HERE / suite
   results_path = out_dir / "results.json"
@@ -81,12 +103,13 @@ def main(argv):
                        if k.startswith(phase + "/") and isinstance(v, (int, float))})
       workdirs.append(str(workdir))
       command = (f"python -m fer_jax.main --config={module}:{arg} --workdir={workdir}")
+    table[f"{row}/cpu_images_per_second"] = _cpu_images_per_second(config[phase], workdir)
     for key in per_seed[0]:
       values = np.array([r[key] for r in per_seed], np.float64)
       table[f"{row}/{key}"] = float(values.mean())
       if len(values) > 1:
         table[f"{row}/{key}_std"] = float(values.std(ddof=1))
-    meta[row] = {"command": command, "hardware": hardware(), "seeds": _SEEDS.value,
+    meta[row] = {"command": command, "arg": arg, "hardware": hardware(), "seeds": _SEEDS.value,
                  "wall_seconds": round(seconds, 1), "workdirs": workdirs,
                  "date": time.strftime("%Y-%m-%d")}
     out_dir.mkdir(parents=True, exist_ok=True)

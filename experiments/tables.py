@@ -9,12 +9,15 @@ OCCLUDERS = ("eyes", "mouth", "blocks", "hand")
 SPLITS = {
     "fer2013": ("private_test", ()),
     "ferplus": ("test", ("test_occlusion", "test_pose30", "test_pose45")),
+    "synthetic": ("test", ()),
 }
 TARGETS = {
     "fer2013": "Targets: teacher >= 74.5 %, a student with <= 1/10 of its MACs >= 72.5 %, "
                "occlusion drop <= 3 points, ASDC linear probe >= 64 %.",
     "ferplus": "Targets: teacher >= 88 %, student >= 86 % (majority labels); "
                "Occlusion-FERPlus >= 85 %.",
+    "synthetic": "The embedded procedural faces (fer_jax/data/synthetic.py), the configs' "
+                 "default schedules. Target (issue 2): MKD student >= 90 %.",
 }
 
 
@@ -26,18 +29,29 @@ def _pct(table, key):
   return f"{100 * value:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 
+# Rows measured by their own scripts, shown in a suite's table beside the trained rows.
+COMPARISON_ROWS = {"fer2013": HERE / "fer_package" / "results.json"}
+
+
 def write(suite: str, table: dict, meta: dict) -> None:
   test, extra = SPLITS[suite]
   out = HERE / suite
+  plots = _plots(suite, meta)
+  comparison = COMPARISON_ROWS.get(suite)
+  if comparison is not None and comparison.is_file():
+    measured = json.loads(comparison.read_text())
+    table, meta = {**measured["table"], **table}, {**meta, **measured["meta"]}
   rows = sorted({k.split("/")[0] for k in table}, key=lambda r: list(meta).index(r)
                 if r in meta else 99)
-  head = (["row", "params", "MMACs", f"{test} acc", "mean-class acc"]
+  head = (["row", "params", "MMACs", "CPU img/s", f"{test} acc", "mean-class acc"]
           + [f"occl. {o}" for o in OCCLUDERS] + ["occl. mean", "drop"]
           + [s for s in extra] + ["wall s"])
   lines = [f"# {suite}: reproduction table", "",
            "Accuracy in % on the test split (models selected on the validation split only). "
            "`occl.` columns: the same test images under the fixed synthetic occluders of "
-           "docs/occlusion_protocol.md (seed 0); `drop` = clean minus occluded mean.", "",
+           "docs/occlusion_protocol.md (seed 0); `drop` = clean minus occluded mean. "
+           "`CPU img/s`: the reported model's inference throughput on the host CPU, batch "
+           "64 (`fer_jax.tools.count.cpu_images_per_second`).", "",
            TARGETS[suite], "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:
@@ -48,6 +62,8 @@ def write(suite: str, table: dict, meta: dict) -> None:
     macs = table.get(f"{row}/macs")
     cells = [row, f"{params / 1e6:.2f} M" if params else "-",
              f"{macs / 1e6:.1f}" if macs else "-",
+             f"{table[f'{row}/cpu_images_per_second']:.0f}"
+             if f"{row}/cpu_images_per_second" in table else "-",
              _pct(table, f"{row}/{test}/accuracy"),
              _pct(table, f"{row}/{test}/mean_class_accuracy")]
     cells += [_pct(table, f"{row}/{test}_occluded_{o}/accuracy") for o in OCCLUDERS]
@@ -59,7 +75,6 @@ def write(suite: str, table: dict, meta: dict) -> None:
   for row, info in meta.items():
     lines += [f"- `{row}` ({info['hardware']}, seeds {','.join(info['seeds'])}, "
               f"{info['date']}): `{info['command']}`"]
-  plots = _plots(suite, meta)
   if plots:
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
   (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -113,7 +128,8 @@ def _plots(suite: str, meta: dict) -> list[str]:
       fig.savefig(out / f"confusion_{row}.png", dpi=90)
       plt.close(fig)
       made.append(f"confusion_{row}.png")
-  if "teacher" in meta and _attention_plot(suite, meta["teacher"], plt):
+  if "teacher" in meta and "arg" in meta["teacher"] and \
+      _attention_plot(suite, meta["teacher"], plt):
     made.append("attention_maps.png")
   return made
 
@@ -127,7 +143,7 @@ def _attention_plot(suite, teacher_meta, plt) -> bool:
   best = pathlib.Path(teacher_meta["workdirs"][0]) / "teacher" / "best"
   if not best.is_dir():
     return False
-  config = rows.row_config(suite, "row=teacher")
+  config = rows.row_config(suite, teacher_meta["arg"])
   _, arrays = train.load_data(config.data)
   test = arrays[config.data.test_split]
   model = train.build_model(config.teacher, int(test["label"].max()) + 1)

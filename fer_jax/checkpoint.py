@@ -4,11 +4,19 @@ Orbax writes each step into a temporary directory and renames it only after
 every file is committed, so a save that is interrupted half-way is never
 listed as a step and the last complete checkpoint is what resumes.
 """
+import logging
 import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+
+
+def quiet_logs() -> None:
+  """Drops Orbax's INFO lines (a dozen per save) that would drown the progress bars."""
+  absl_logging.get_absl_logger().addFilter(
+      lambda record: record.levelno > logging.INFO or "/orbax/" not in record.pathname)
 
 
 class Checkpoints:

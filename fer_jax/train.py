@@ -226,8 +226,10 @@ class Phase:
       queue = jax.random.normal(jax.random.fold_in(state_rng, 1), (self.cfg.queue_size, dim))
       state["queue"] = queue / jnp.linalg.norm(queue, axis=-1, keepdims=True)
       state["queue_ptr"] = jnp.int32(0)
-      state["ema"] = {"params": variables["params"],
-                      "batch_stats": variables.get("batch_stats", {})}
+      # A copy: the step donates its state, and on one device an alias of the
+      # online parameters would be the same buffer donated twice.
+      state["ema"] = jax.tree.map(jnp.copy, {"params": variables["params"],
+                                             "batch_stats": variables.get("batch_stats", {})})
     return jax.device_put(state, steps.replicated(self.mesh))
 
   def _initialise_from(self, variables):
@@ -472,6 +474,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     (workdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (workdir / "report.md").write_text(report.render(config, results, details))
     (workdir / "details.json").write_text(json.dumps(details) + "\n")
+    print(f"{report.summary(config, results)}\nfull results: {workdir / 'report.md'}")
   return results
 
 

@@ -8,8 +8,22 @@ os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"])
 
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Many tests compile the same programs (a resumed run recompiles what the
+# straight run compiled). A session-wide persistent cache lets the repeats load
+# the executable instead; it starts empty, so nothing leaks between sessions.
+_XLA_CACHE = tempfile.mkdtemp(prefix="fer_jax_xla_cache_")
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 

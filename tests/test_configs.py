@@ -81,9 +81,34 @@ def test_every_config_file_is_covered():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_unknown_config_argument_is_named(name):
-  with pytest.raises(ValueError, match=r"unknown config argument 'bogus'; known: data, seed, "
-                                       r"smoke"):
+  with pytest.raises(ValueError, match=r"unknown config argument 'bogus'; known: cpu, data, "
+                                       r"seed, smoke"):
     load_module(name).get_config("bogus=1")
+
+
+@pytest.mark.parametrize("name", ["mkd", "asdc", "teacher_bounded"])
+def test_cpu_argument_puts_the_embedded_defaults_models_on_real_data(name):
+  module = load_module(name)
+  embedded, real, real_cpu = (module.get_config(a) for a in
+                              (None, "data=fer2013", "data=fer2013,cpu"))
+  assert real_cpu.data.to_dict() == real.data.to_dict()
+  students = [p for p in embedded.phases if p.startswith("student")]
+  for phase in students:
+    assert real_cpu[phase].model == embedded[phase].model
+    assert real_cpu[phase].model_kwargs.to_dict() == embedded[phase].model_kwargs.to_dict()
+    assert real_cpu[phase].get("input_shape") == embedded[phase].get("input_shape")
+  assert any(real[p].model_kwargs.to_dict() != embedded[p].model_kwargs.to_dict()
+             or real[p].model != embedded[p].model for p in students)
+
+
+def test_quick_rows_take_the_cpu_models_and_cap_the_epochs():
+  from experiments import rows  # pylint: disable=g-import-not-at-top
+  quick, full = rows.row_config("fer2013", "row=mkd,quick"), rows.row_config("fer2013", "row=mkd")
+  embedded = load_module("mkd").get_config(None)
+  for phase in ("teacher", "student"):
+    assert quick[phase].model_kwargs.to_dict() == embedded[phase].model_kwargs.to_dict()
+    assert quick[phase].epochs == rows.QUICK_EPOCHS < full[phase].epochs
+  assert quick.data.name == "fer2013"
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -168,3 +168,13 @@ def test_params_exclude_batch_stats():
   assert (trainable, trainable + moving_stats) == (56_951, 58_423)
   result = count_lib.count("mini_xception", (48, 48, 1), num_classes=7)
   assert result["params"] == trainable
+
+
+def test_cpu_images_per_second_scales_with_the_work():
+  # Ten times the width is about a hundred times the MACs of the convolutions:
+  # the wide model must be measurably slower per image.
+  narrow, wide = (count_lib.cpu_images_per_second("resnet18", (48, 48, 1), batch_size=8,
+                                                  iters=3, num_classes=7, stem="small",
+                                                  width=width) for width in (4, 40))
+  assert math.isfinite(narrow) and narrow > 0
+  assert wide < narrow / 3

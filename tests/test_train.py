@@ -61,6 +61,25 @@ def build_student_phase(config, mesh, tmp_path):
   return phase, state, arrays
 
 
+def test_contrastive_state_shares_no_buffer_on_one_device(tmp_path):
+  # The step donates its state. On one device an EMA encoder that aliases the
+  # online parameters is one buffer donated twice, which XLA refuses at step 1.
+  config = tiny_config()
+  config.phases = ("teacher",)
+  config.teacher = cu.phase_config(
+      "contrastive", dict(encoder="resnet18", encoder_kwargs=TINY), {"moco": dict(weight=1.0)},
+      epochs=1, steps=1, batch_size=16, optimizer=cu.optimizer_config("sgd"), contrastive=True,
+      queue_size=32, ema_momentum=0.99, evaluate=False)
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  dataset, arrays = train.load_data(config.data)
+  phase = train.Phase(config, "teacher", dataset, arrays, mesh, tmp_path,
+                      train.MetricWriter(tmp_path / "metrics.jsonl"), {})
+  leaves = [x for x in jax.tree.leaves(phase.init_state()) if x.size]
+  pointers = [x.unsafe_buffer_pointer() for x in leaves]
+  assert len(set(pointers)) == len(pointers)
+
+
 def run_steps(phase, state, arrays, mesh, n, instrument=lambda f: f, weights=None):
   step_fn = steps.make_train_step(phase.step_spec(), instrument)
   data = jax.device_put(arrays["train"], steps.replicated(mesh))

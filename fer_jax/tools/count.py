@@ -39,6 +39,8 @@ Command line (the last printed line is a JSON object):
 """
 import json
 import math
+import statistics
+import time
 from typing import Any
 
 from absl import app
@@ -93,6 +95,31 @@ def count(name: str, input_shape: tuple[int, int, int],
   if xla_cost and "flops" in xla_cost:
     result["xla_flops"] = int(xla_cost["flops"])
   return result
+
+
+def cpu_images_per_second(name: str, input_shape: tuple[int, int, int], batch_size: int = 64,
+                          iters: int = 10, **model_kwargs) -> float:
+  """Inference throughput of model ``name`` on the host CPU, whatever the default backend.
+
+  Eval mode, one jitted forward per batch of ``batch_size`` images, each call
+  synchronised; batch size over the median call time, after one warm-up call.
+  Weights are the initialiser's: speed does not depend on them. Depthwise
+  layers take their CPU form (shifted slices) even when the default backend is
+  an accelerator.
+  """
+  cpu = jax.devices("cpu")[0]
+  model = models.build(name, **model_kwargs)
+  with jax.default_device(cpu), layers.force_depthwise_impl("shifted"):
+    images = jnp.zeros((batch_size, *input_shape), jnp.float32)
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[:1])
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+    forward(variables, images).block_until_ready()
+    times = []
+    for _ in range(iters):
+      start = time.perf_counter()
+      forward(variables, images).block_until_ready()
+      times.append(time.perf_counter() - start)
+  return batch_size / statistics.median(times)
 
 
 def jaxpr_macs(jaxpr: jax_core.Jaxpr) -> int:

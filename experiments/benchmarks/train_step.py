@@ -1,0 +1,146 @@
+r"""Compile time and step time of every phase's fused train step, for any config.
+
+For each phase of the config it builds the trainer's own step
+(``train.Phase.step_spec``), lowers and compiles it, then times ``--steps``
+steps after one warm-up step. A phase's teacher is its config's teacher with
+freshly initialised weights: speed does not depend on them.
+
+``--variants`` repeats the measurement of one phase with some of its loss terms
+removed, to show what each term costs (the teacher's forward goes when no term
+reads the teacher).
+
+Usage (the commands behind train_step.md; a few minutes each on 2 idle cores):
+
+  python experiments/benchmarks/train_step.py --config=configs/mkd.py
+  python experiments/benchmarks/train_step.py --config=configs/mkd.py --phase=student \
+      --variants="ce;ce,kd;ce,kd,mkd"
+  XLA_FLAGS=--xla_cpu_multi_thread_eigen=false \
+      python experiments/benchmarks/train_step.py --config=configs/mkd.py
+"""
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+
+from fer_jax import steps, train  # noqa: E402
+
+# Terms that read no teacher output: a variant made of them only drops the teacher.
+TEACHERLESS_KINDS = ("ce", "aux_loss", "va_mse", "ccc", "moco")
+
+
+def load_config(spec: str):
+  path, _, arg = spec.partition(":")
+  namespace = {}
+  exec(compile(pathlib.Path(path).read_text(), path, "exec"), namespace)  # noqa: S102
+  return namespace["get_config"](arg or None)
+
+
+def time_phase(config, name: str, workdir: pathlib.Path, num_steps: int) -> dict:
+  """Compile seconds and median step seconds of phase ``name``."""
+  dataset, arrays = train.load_data(config.data)
+  writer = train.MetricWriter(workdir / "metrics.jsonl")
+  mesh = train.make_mesh()
+  finished = {}
+  for earlier in config.phases[:config.phases.index(name)]:
+    phase = train.Phase(config, earlier, dataset, arrays, mesh, workdir, writer, finished)
+    finished[earlier] = phase.finish(phase.variables_of(phase.init_state()))
+  phase = train.Phase(config, name, dataset, arrays, mesh, workdir, writer, finished)
+  state = phase.init_state()
+  inputs = (jax.device_put(phase.weights, steps.replicated(mesh)),
+            phase.teacher.variables if phase.teacher else {},
+            jax.device_put(arrays[config.data.train_split], steps.replicated(mesh)))
+  start = time.perf_counter()
+  step_fn = steps.make_train_step(phase.step_spec()).lower(state, *inputs).compile()
+  compile_s = time.perf_counter() - start
+  state, metrics = step_fn(state, *inputs)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(num_steps):
+    start = time.perf_counter()
+    state, metrics = step_fn(state, *inputs)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return {"compile_s": compile_s, "step_s": statistics.median(times),
+          "spread_s": (max(times) - min(times)) / 2, "batch": phase.batch_size}
+
+
+def with_terms(config, phase: str, keep: list[str]):
+  """``config`` with phase ``phase`` trained on the terms ``keep`` only."""
+  config = config.copy_and_resolve_references()
+  unknown = set(keep) - set(config[phase].terms)
+  if unknown:
+    raise ValueError(f"--variants names terms {sorted(unknown)} that {phase} does not have; "
+                     f"it has {sorted(config[phase].terms)}")
+  config[phase].terms = {k: v for k, v in config[phase].terms.items() if k in keep}
+  if all(t.get("kind", k) in TEACHERLESS_KINDS for k, t in config[phase].terms.items()):
+    config[phase].teacher = ""
+  return config
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", required=True, help="config file, optionally :arg")
+  parser.add_argument("--phase", default="", help="one phase (default: every phase)")
+  parser.add_argument("--variants", default="",
+                      help="';'-separated term lists for --phase, e.g. 'ce;ce,kd'")
+  parser.add_argument("--batch_size", type=int, default=0, help="override every phase's")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--out", default="", help="append a markdown table to this file")
+  args = parser.parse_args()
+
+  config = load_config(args.config)
+  phases = [args.phase] if args.phase else list(config.phases)
+  if args.batch_size:
+    for name in config.phases:
+      config[name].batch_size = args.batch_size
+  variants = [(name, None) for name in phases]
+  if args.variants:
+    if not args.phase:
+      raise SystemExit("--variants needs --phase")
+    variants = [(args.phase, v.split(",")) for v in args.variants.split(";")]
+
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for name, keep in variants:
+      cfg = with_terms(config, name, keep) if keep else config
+      result = time_phase(cfg, name, pathlib.Path(tmp), args.steps)
+      label = name if keep is None else f"{name} [{'+'.join(keep)}]"
+      rows.append((label, cfg[name].model, result))
+      print(json.dumps({"phase": label, **result}), flush=True)
+
+  lines = [
+      f"### `{args.config}` {datetime.date.today()}",
+      "",
+      f"`python experiments/benchmarks/train_step.py {' '.join(sys.argv[1:])}` on "
+      f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+      f"({jax.devices()[0].device_kind}), jax {jax.__version__}, "
+      f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '') or '(none)'}`, "
+      f"load average {os.getloadavg()[0]:.1f} at the end.",
+      "",
+      "| phase | model | batch | compile s | step s (median of "
+      f"{args.steps}) | img/s |",
+      "|---|---|---|---|---|---|",
+  ]
+  for label, model, r in rows:
+    lines.append(f"| {label} | {model} | {r['batch']} | {r['compile_s']:.1f} | "
+                 f"{r['step_s']:.3f} ± {r['spread_s']:.3f} | {r['batch'] / r['step_s']:.0f} |")
+  text = "\n".join(lines) + "\n"
+  print(text)
+  if args.out:
+    with open(args.out, "a") as f:
+      f.write("\n" + text)
+
+
+if __name__ == "__main__":
+  main()
