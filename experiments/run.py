@@ -29,7 +29,8 @@ _SUITE = flags.DEFINE_enum("suite", "fer2013", ["fer2013", "ferplus", "synthetic
                            "Which dataset suite (synthetic: the embedded default faces).")
 _ROWS = flags.DEFINE_list("rows", ["teacher", "mkd"], f"Rows to run: {', '.join(rows_lib.ROWS)}")
 _WORKROOT = flags.DEFINE_string("workroot", "workdirs/rows", "Where run directories go.")
-_QUICK = flags.DEFINE_bool("quick", False, "2-core CPU budget: the configs' cpu models, few epochs.")
+_QUICK = flags.DEFINE_bool("quick", False,
+                           "2-core CPU budget: the configs' cpu models, few epochs.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; mean and std are reported.")
 _EPOCHS = flags.DEFINE_integer("epochs", 0, "Override every phase's epochs (0: the config's).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Override every phase's steps (a dry run).")

@@ -37,8 +37,10 @@ def render(config, results: dict, details: dict) -> str:
 def summary(config, results: dict) -> str:
   """A few lines for the terminal: each phase's clean and occluded test results."""
   test = config.data.test_split
-  shown = ((test, "accuracy", "{:.2%} " + test), (f"{test}_occluded", "accuracy", "{:.2%} occluded"),
-           (test, "valence_ccc", "valence CCC {:.3f}"), (test, "arousal_ccc", "arousal CCC {:.3f}"))
+  shown = ((test, "accuracy", "{:.2%} " + test),
+           (f"{test}_occluded", "accuracy", "{:.2%} occluded"),
+           (test, "valence_ccc", "valence CCC {:.3f}"),
+           (test, "arousal_ccc", "arousal CCC {:.3f}"))
   lines = []
   for phase in config.phases:
     parts = [fmt.format(results[f"{phase}/{split}/{metric}"]) for split, metric, fmt in shown

@@ -293,33 +293,37 @@ class Phase:
                     disable=jax.process_index() != 0, dynamic_ncols=True)
     pending = None
     t0 = time.time()
-    for step in range(start, self.total_steps):
-      state, metrics = step_fn(state, weights, teacher_vars, train_data)
+    try:
+      for step in range(start, self.total_steps):
+        state, metrics = step_fn(state, weights, teacher_vars, train_data)
+        if pending is not None:
+          self._check_and_log(*pending, last_good, bar)
+        pending = (step, metrics)
+        done = step + 1
+        evaluate_now = done % eval_every == 0 or done == self.total_steps
+        save_now = done % ckpt_every == 0 or done == self.total_steps
+        if evaluate_now or save_now:
+          # Never select or save parameters before their step is known to be finite.
+          self._check_and_log(*pending, last_good, bar)
+          pending = None
+        if evaluate_now and self.cfg.get("evaluate", True):
+          score = self.evaluate_split(self.variables_of(state), self.config.data.eval_split,
+                                      step=done)["accuracy"]
+          if score > best["score"]:
+            best = {"score": score, "step": done}
+            best_ckpts.save(done, self.variables_of(state), {"best": best})
+        if save_now:
+          ckpts.save(done, state, {"best": best, "phase": self.name,
+                                   "config": self.config.to_json_best_effort()})
+          last_good = done
       if pending is not None:
         self._check_and_log(*pending, last_good, bar)
-      pending = (step, metrics)
-      done = step + 1
-      evaluate_now = done % eval_every == 0 or done == self.total_steps
-      save_now = done % ckpt_every == 0 or done == self.total_steps
-      if evaluate_now or save_now:
-        # Never select or save parameters before their step is known to be finite.
-        self._check_and_log(*pending, last_good, bar)
-        pending = None
-      if evaluate_now and self.cfg.get("evaluate", True):
-        score = self.evaluate_split(self.variables_of(state), self.config.data.eval_split,
-                                    step=done)["accuracy"]
-        if score > best["score"]:
-          best = {"score": score, "step": done}
-          best_ckpts.save(done, self.variables_of(state), {"best": best})
-      if save_now:
-        ckpts.save(done, state, {"best": best, "phase": self.name,
-                                 "config": self.config.to_json_best_effort()})
-        last_good = done
-    if pending is not None:
-      self._check_and_log(*pending, last_good, bar)
-    bar.close()
-    ckpts.wait()
-    best_ckpts.wait()
+    finally:
+      # On an interruption (Ctrl-C, preemption, a non-finite loss) the saves in
+      # flight still commit, so a restart resumes from the newest checkpoint.
+      bar.close()
+      ckpts.wait()
+      best_ckpts.wait()
     self.train_seconds = time.time() - t0
     final = self.variables_of(state)
     if self.cfg.get("evaluate", True) and best_ckpts.latest_step() is not None:
