@@ -53,6 +53,8 @@ def write(suite: str, table: dict, meta: dict) -> None:
            "`CPU img/s`: the reported model's inference throughput on the host CPU, batch "
            "64 (`fer_jax.tools.count.cpu_images_per_second`).", "",
            TARGETS[suite], "",
+           "Rows marked `quick` use the 2-core CPU budget of experiments/README.md (small "
+           "strided-stem models, at most 10 epochs), not the papers' recipe.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:
     clean = table.get(f"{row}/{test}/accuracy")
@@ -60,7 +62,8 @@ def write(suite: str, table: dict, meta: dict) -> None:
     drop = f"{100 * (clean - occluded):.2f}" if clean is not None and occluded else "-"
     params = table.get(f"{row}/params")
     macs = table.get(f"{row}/macs")
-    cells = [row, f"{params / 1e6:.2f} M" if params else "-",
+    quick = "quick" in meta.get(row, {}).get("arg", "").split(",")
+    cells = [f"{row} (quick, CPU)" if quick else row, f"{params / 1e6:.2f} M" if params else "-",
              f"{macs / 1e6:.1f}" if macs else "-",
              f"{table[f'{row}/cpu_images_per_second']:.0f}"
              if f"{row}/cpu_images_per_second" in table else "-",
