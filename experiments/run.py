@@ -12,15 +12,14 @@ region-attention maps on occluded PrivateTest faces. Rows already present in
 results.json are kept, so suites can be filled in over several runs.
 """
 import json
-import os
 import pathlib
-import platform
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
 
+from experiments import hardware
 from experiments import rows as rows_lib
 from fer_jax import checkpoint, train
 from fer_jax.tools import count as count_lib
@@ -63,22 +62,6 @@ def _cpu_images_per_second(phase_cfg, workdir: pathlib.Path) -> float:
       num_classes=len(class_names), **dict(phase_cfg.get("model_kwargs", None) or {}))
 
 
-def hardware() -> str:
-  device = jax.devices()[0]
-  if device.platform != "cpu":
-    return f"{jax.device_count()}x {device.device_kind} ({device.platform})"
-  return f"{len(os.sched_getaffinity(0))} CPU cores ({_cpu_model()})"
-
-
-def _cpu_model() -> str:
-  cpuinfo = pathlib.Path("/proc/cpuinfo")
-  if cpuinfo.is_file():
-    for line in cpuinfo.read_text().splitlines():
-      if line.startswith("model name"):
-        return line.partition(":")[2].strip()
-  return platform.processor() or platform.machine()
-
-
 def main(argv):
   del argv
   checkpoint.quiet_logs()
@@ -110,7 +93,7 @@ def main(argv):
       table[f"{row}/{key}"] = float(values.mean())
       if len(values) > 1:
         table[f"{row}/{key}_std"] = float(values.std(ddof=1))
-    meta[row] = {"command": command, "arg": arg, "hardware": hardware(), "seeds": _SEEDS.value,
+    meta[row] = {"command": command, "arg": arg, "hardware": hardware.describe(), "seeds": _SEEDS.value,
                  "wall_seconds": round(seconds, 1), "workdirs": workdirs,
                  "date": time.strftime("%Y-%m-%d")}
     out_dir.mkdir(parents=True, exist_ok=True)

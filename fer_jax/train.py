@@ -433,6 +433,24 @@ class FinishedPhase:
     self.input_shape = input_shape
 
 
+def untrained_phases(config, dataset, arrays, mesh, workdir: pathlib.Path,
+                     until: str | None = None) -> dict[str, tuple[Phase, dict]]:
+  """``{name: (phase, initial state)}`` for the phases of ``config`` up to ``until``.
+
+  Each earlier phase serves, untrained, as the later ones' teacher or
+  initialisation: what benchmarks and tests of a step need, since speed and
+  program structure do not depend on trained weights.
+  """
+  writer = MetricWriter(workdir / "metrics.jsonl")
+  finished, built = {}, {}
+  for name in config.phases[:config.phases.index(until) + 1 if until else None]:
+    phase = Phase(config, name, dataset, arrays, mesh, workdir, writer, finished)
+    state = phase.init_state()
+    finished[name] = phase.finish(phase.variables_of(state))
+    built[name] = (phase, state)
+  return built
+
+
 def load_checkpoint_variables(path: str, like):
   ckpts = checkpoint_lib.Checkpoints(path)
   step = ckpts.latest_step()

@@ -52,12 +52,7 @@ def tiny_config(steps_per_phase=4) -> ml_collections.ConfigDict:
 def build_student_phase(config, mesh, tmp_path):
   """The student phase with an (untrained) teacher, ready to step."""
   dataset, arrays = train.load_data(config.data)
-  writer = train.MetricWriter(tmp_path / "metrics.jsonl")
-  teacher = train.Phase(config, "teacher", dataset, arrays, mesh, tmp_path, writer, {})
-  teacher_state = teacher.init_state()
-  finished = {"teacher": teacher.finish(teacher.variables_of(teacher_state))}
-  phase = train.Phase(config, "student", dataset, arrays, mesh, tmp_path, writer, finished)
-  state = phase.init_state()
+  phase, state = train.untrained_phases(config, dataset, arrays, mesh, tmp_path)["student"]
   return phase, state, arrays
 
 

@@ -39,6 +39,9 @@ import time
 MIN_TIMED_CALLS = 3
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, REPO)
+
+from experiments.hardware import cpu_model  # noqa: E402
 
 # Flag sets known to change XLA:CPU speed. thunk_runtime=false selected the old
 # runtime in 2024-25 jaxlibs; newer ones accept it with a warning and ignore it.
@@ -100,7 +103,6 @@ def run_jax(cfg: dict) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, REPO)
   from fer_jax import models  # pylint: disable=import-outside-toplevel
 
   fields = {"stem": cfg["stem"]} if cfg["stem"] else {}
@@ -230,14 +232,6 @@ def cell(result: dict, batch: int) -> str:
 def ratio(a: dict, b: dict, batch: int) -> str:
   ra, rb = images_per_s(a, batch), images_per_s(b, batch)
   return f"{ra / rb:.2f}" if ra and rb else "n/a"
-
-
-def cpu_model() -> str:
-  with open("/proc/cpuinfo", encoding="utf-8") as f:
-    for line in f:
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  return platform.processor() or "unknown"
 
 
 def _run_fields(args) -> dict:

@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import mkd
+from experiments.hardware import cpu_model
 from fer_jax import steps
 from fer_jax import train
 from fer_jax.data import augment as augment_lib
@@ -210,16 +211,6 @@ def streaming_row(split, mesh, read_threads, args) -> dict:
 # --- the consumers ------------------------------------------------------------------
 
 
-def build_phases(config, dataset, arrays, mesh, workdir):
-  """The teacher and student phases of ``config`` (untrained teacher), with states."""
-  writer = train.MetricWriter(workdir / "metrics.jsonl")
-  teacher = train.Phase(config, "teacher", dataset, arrays, mesh, workdir, writer, {})
-  teacher_state = teacher.init_state()
-  finished = {"teacher": teacher.finish(teacher.variables_of(teacher_state))}
-  student = train.Phase(config, "student", dataset, arrays, mesh, workdir, writer, finished)
-  return [(teacher, teacher_state), (student, student.init_state())]
-
-
 def _normalise_only(key, images, cfg=None):
   del key  # the no-op draws nothing
   return augment_lib.preprocess_eval(images, cfg)
@@ -249,14 +240,6 @@ def step_path(phase, state, arrays, augmented: bool) -> dict:
 
 
 # --- report -------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-  with open("/proc/cpuinfo", encoding="utf-8") as f:
-    for line in f:
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  return platform.processor() or "unknown"
 
 
 def _ratio(value: float) -> str:
@@ -331,7 +314,8 @@ def main(argv=None):
   split = dataset.split(config.data.train_split)
   rows += [streaming_row(split, mesh, n, args) for n in args.read_threads]
   with tempfile.TemporaryDirectory() as workdir:
-    teacher, student = build_phases(config, dataset, arrays, mesh, pathlib.Path(workdir))
+    phases = train.untrained_phases(config, dataset, arrays, mesh, pathlib.Path(workdir))
+    teacher, student = phases["teacher"], phases["student"]
     # The student step is the main consumer: only its augmentation share is
     # measured, its two variants interleaved so load drift cannot fake a share.
     rows += time_paths([step_path(*student, train_arrays, True),

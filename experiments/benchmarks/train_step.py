@@ -16,13 +16,13 @@ Usage (the commands behind train_step.md; a few minutes each on 2 idle cores):
       --variants="ce;ce,kd;ce,kd,mkd"
   XLA_FLAGS=--xla_cpu_multi_thread_eigen=false \
       python experiments/benchmarks/train_step.py --config=configs/mkd.py
+
+The config is read as by fer_jax.main, so ``:arg`` and ``--config.x=y``
+overrides work (e.g. ``--config.student.batch_size=128``).
 """
-import argparse
 import datetime
-import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,31 +32,29 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
+from experiments import hardware  # noqa: E402
 from fer_jax import steps, train  # noqa: E402
 
 # Terms that read no teacher output: a variant made of them only drops the teacher.
 TEACHERLESS_KINDS = ("ce", "aux_loss", "va_mse", "ccc", "moco")
 
-
-def load_config(spec: str):
-  path, _, arg = spec.partition(":")
-  namespace = {}
-  exec(compile(pathlib.Path(path).read_text(), path, "exec"), namespace)  # noqa: S102
-  return namespace["get_config"](arg or None)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
+_PHASE = flags.DEFINE_string("phase", "", "One phase (default: every phase).")
+_VARIANTS = flags.DEFINE_string("variants", "",
+                                "';'-separated term lists for --phase, e.g. 'ce;ce,kd'.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step.")
+_OUT = flags.DEFINE_string("out", "", "Append the markdown table to this file.")
+flags.mark_flags_as_required(["config"])
 
 
 def time_phase(config, name: str, workdir: pathlib.Path, num_steps: int) -> dict:
   """Compile seconds and median step seconds of phase ``name``."""
   dataset, arrays = train.load_data(config.data)
-  writer = train.MetricWriter(workdir / "metrics.jsonl")
   mesh = train.make_mesh()
-  finished = {}
-  for earlier in config.phases[:config.phases.index(name)]:
-    phase = train.Phase(config, earlier, dataset, arrays, mesh, workdir, writer, finished)
-    finished[earlier] = phase.finish(phase.variables_of(phase.init_state()))
-  phase = train.Phase(config, name, dataset, arrays, mesh, workdir, writer, finished)
-  state = phase.init_state()
+  phase, state = train.untrained_phases(config, dataset, arrays, mesh, workdir, until=name)[name]
   inputs = (jax.device_put(phase.weights, steps.replicated(mesh)),
             phase.teacher.variables if phase.teacher else {},
             jax.device_put(arrays[config.data.train_split], steps.replicated(mesh)))
@@ -88,48 +86,34 @@ def with_terms(config, phase: str, keep: list[str]):
   return config
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", required=True, help="config file, optionally :arg")
-  parser.add_argument("--phase", default="", help="one phase (default: every phase)")
-  parser.add_argument("--variants", default="",
-                      help="';'-separated term lists for --phase, e.g. 'ce;ce,kd'")
-  parser.add_argument("--batch_size", type=int, default=0, help="override every phase's")
-  parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--out", default="", help="append a markdown table to this file")
-  args = parser.parse_args()
-
-  config = load_config(args.config)
-  phases = [args.phase] if args.phase else list(config.phases)
-  if args.batch_size:
-    for name in config.phases:
-      config[name].batch_size = args.batch_size
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  phases = [_PHASE.value] if _PHASE.value else list(config.phases)
   variants = [(name, None) for name in phases]
-  if args.variants:
-    if not args.phase:
-      raise SystemExit("--variants needs --phase")
-    variants = [(args.phase, v.split(",")) for v in args.variants.split(";")]
+  if _VARIANTS.value:
+    if not _PHASE.value:
+      raise app.UsageError("--variants needs --phase")
+    variants = [(_PHASE.value, v.split(",")) for v in _VARIANTS.value.split(";")]
 
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for name, keep in variants:
       cfg = with_terms(config, name, keep) if keep else config
-      result = time_phase(cfg, name, pathlib.Path(tmp), args.steps)
+      result = time_phase(cfg, name, pathlib.Path(tmp), _STEPS.value)
       label = name if keep is None else f"{name} [{'+'.join(keep)}]"
       rows.append((label, cfg[name].model, result))
-      print(json.dumps({"phase": label, **result}), flush=True)
+      print(f"{label}: {result}", flush=True)
 
   lines = [
-      f"### `{args.config}` {datetime.date.today()}",
+      f"### `{config.get('name', 'config')}` {datetime.date.today()}",
       "",
       f"`python experiments/benchmarks/train_step.py {' '.join(sys.argv[1:])}` on "
-      f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
-      f"({jax.devices()[0].device_kind}), jax {jax.__version__}, "
+      f"{hardware.describe()}, jax {jax.__version__}, "
       f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '') or '(none)'}`, "
       f"load average {os.getloadavg()[0]:.1f} at the end.",
       "",
-      "| phase | model | batch | compile s | step s (median of "
-      f"{args.steps}) | img/s |",
+      f"| phase | model | batch | compile s | step s (median of {_STEPS.value}) | img/s |",
       "|---|---|---|---|---|---|",
   ]
   for label, model, r in rows:
@@ -137,10 +121,10 @@ def main():
                  f"{r['step_s']:.3f} ± {r['spread_s']:.3f} | {r['batch'] / r['step_s']:.0f} |")
   text = "\n".join(lines) + "\n"
   print(text)
-  if args.out:
-    with open(args.out, "a") as f:
+  if _OUT.value:
+    with open(_OUT.value, "a") as f:
       f.write("\n" + text)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)
