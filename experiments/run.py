@@ -4,12 +4,13 @@ r"""Runs reproduction rows and writes the committed tables and plots.
       --workroot=workdirs/rows [--quick] [--seeds=0,1,2]
 
 The teacher row is trained first and reused (``teacher_checkpoint``) by every
-student row of the same seed. Writes experiments/<suite>/results.json (flat
+student row of the same seed that distils it. Writes experiments/<suite>/results.json (flat
 ``"<row>/<split>/<metric>"``, mean over seeds, plus ``_std``) and results.md
 (one table, each row with its command, hardware, wall time and seeds), and
-PNG plots: learning curves, the best row's confusion matrix, and the teacher's
-region-attention maps on occluded PrivateTest faces. Rows already present in
-results.json are kept, so suites can be filled in over several runs.
+PNG plots: learning curves, the best student's and the teacher's confusion
+matrices, and the teacher's region-attention maps on occluded test faces.
+Rows already present in results.json are kept, so suites can be filled in
+over several runs.
 """
 import json
 import pathlib
@@ -76,7 +77,9 @@ def main(argv):
     per_seed, workdirs, seconds = [], [], 0.0
     for seed in map(int, _SEEDS.value):
       teacher_dir = pathlib.Path(_WORKROOT.value) / suite / f"teacher_s{seed}" / "teacher" / "best"
-      arg = _row_arg(row, seed, teacher_dir if teacher_dir.exists() else "")
+      reuse = teacher_dir.exists() and rows_lib.reuses_teacher(
+          row, rows_lib.row_config(suite, _row_arg(row, seed, "")))
+      arg = _row_arg(row, seed, teacher_dir if reuse else "")
       config = rows_lib.row_config(suite, arg)
       workdir = pathlib.Path(_WORKROOT.value) / suite / f"{row}_s{seed}"
       start = time.time()

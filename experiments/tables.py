@@ -36,7 +36,7 @@ COMPARISON_ROWS = {"fer2013": HERE / "fer_package" / "results.json"}
 def write(suite: str, table: dict, meta: dict) -> None:
   test, extra = SPLITS[suite]
   out = HERE / suite
-  plots = _plots(suite, meta)
+  plots = _plots(suite, meta, table)
   comparison = COMPARISON_ROWS.get(suite)
   if comparison is not None and comparison.is_file():
     measured = json.loads(comparison.read_text())
@@ -54,7 +54,8 @@ def write(suite: str, table: dict, meta: dict) -> None:
            "64 (`fer_jax.tools.count.cpu_images_per_second`).", "",
            TARGETS[suite], "",
            "Rows marked `quick` use the 2-core CPU budget of experiments/README.md (small "
-           "strided-stem models, at most 10 epochs), not the papers' recipe.", "",
+           "strided-stem models, at most 10 epochs, occluders and flips as the only "
+           "augmentation), not the papers' recipe.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:
     clean = table.get(f"{row}/{test}/accuracy")
@@ -83,7 +84,15 @@ def write(suite: str, table: dict, meta: dict) -> None:
   (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def _plots(suite: str, meta: dict) -> list[str]:
+def _best_student(suite: str, meta: dict, table: dict) -> str | None:
+  """The trained student row with the highest test accuracy."""
+  test = SPLITS[suite][0]
+  students = [row for row in meta if not row.startswith("teacher") and "workdirs" in meta[row]
+              and f"{row}/{test}/accuracy" in table]
+  return max(students, key=lambda row: table[f"{row}/{test}/accuracy"], default=None)
+
+
+def _plots(suite: str, meta: dict, table: dict) -> list[str]:
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
@@ -112,7 +121,7 @@ def _plots(suite: str, meta: dict) -> list[str]:
   fig.savefig(out / "learning_curves.png", dpi=90)
   plt.close(fig)
   made.append("learning_curves.png")
-  for row in ("mkd", "teacher"):
+  for row in filter(None, (_best_student(suite, meta, table), "teacher")):
     details_path = pathlib.Path(meta.get(row, {}).get("workdirs", [""])[0]) / "details.json"
     if details_path.is_file():
       details = json.loads(details_path.read_text())

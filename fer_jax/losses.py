@@ -239,9 +239,27 @@ def attention_transfer(student_feature: jax.Array, teacher_feature: jax.Array,
   return jnp.mean(jnp.square(maps[0] - maps[1]))
 
 
+def standardize_channels(feature: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Each channel of an NHWC map to zero mean and unit std over batch and positions.
+
+  The normalisation of PKD (Cao et al., "PKD: General Distillation Framework
+  for Object Detectors via Pearson Correlation Coefficient", NeurIPS 2022;
+  mmrazor ``PKDLoss.norm``): ``(x - mean_c) / (std_c + eps)`` with the
+  unbiased std, statistics over (B, H, W). An MSE between standardised maps is
+  ``2 * (1 - Pearson r)`` per channel, so it ignores the teacher's activation
+  scale, which a raw MSE inherits.
+  """
+  _check_rank("standardize_channels", "feature", feature, 4, "NHWC")
+  feature = _as_float32(feature)
+  mean = jnp.mean(feature, axis=(0, 1, 2), keepdims=True)
+  std = jnp.std(feature, axis=(0, 1, 2), keepdims=True, ddof=1)
+  return (feature - mean) / (std + eps)
+
+
 def spatially_weighted_feature_loss(student_feature: jax.Array,
                                     teacher_feature: jax.Array,
-                                    weight_map: jax.Array) -> jax.Array:
+                                    weight_map: jax.Array, *,
+                                    standardize: bool = False) -> jax.Array:
   """MKD feature loss weighted by a spatial-attention map (reconstruction).
 
   Seed (a) says only that in its multi-layer KD "a spatial attention network
@@ -260,12 +278,16 @@ def spatially_weighted_feature_loss(student_feature: jax.Array,
     student_feature: adapted student map [B, h, w, C] (resized if h, w differ).
     teacher_feature: [B, H, W, C].
     weight_map: non-negative [B, H, W], at the teacher's resolution.
+    standardize: compare ``standardize_channels`` of both maps (after the
+      resize), as PKD does, instead of the raw activations.
 
   Returns:
     float32 scalar.
   """
   student, teacher = _aligned_feature_pair("spatially_weighted_feature_loss",
                                            student_feature, teacher_feature)
+  if standardize:
+    student, teacher = standardize_channels(student), standardize_channels(teacher)
   if weight_map.shape != teacher.shape[:3]:
     raise ValueError(f"spatially_weighted_feature_loss: weight_map must be "
                      f"[B, H, W] = {teacher.shape[:3]} (the teacher's grid), "

@@ -8,10 +8,12 @@ adapters, the MKD spatial-attention net) are Linen modules whose parameters
 train with the student; every term runs inside the one jitted train step.
 
 The weights are not part of a term: the step receives them as an array
-argument, so changing a weight mid-run does not recompile.
+argument, so changing a weight mid-run does not recompile. A term that reads
+the teacher's outputs says so with ``reads_teacher = True``; a phase whose terms
+all read none needs no teacher forward.
 """
 import dataclasses
-from typing import Any, Mapping, NamedTuple
+from typing import Any, ClassVar, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -67,6 +69,7 @@ class CrossEntropy(nn.Module):
 @TERMS.register("hinton_kd")
 class HintonKD(nn.Module):
   """Hinton et al. 2015: T^2-scaled KL to the teacher's softened logits."""
+  reads_teacher: ClassVar[bool] = True
   temperature: float = 4.0
 
   def __call__(self, student, teacher, batch, train):
@@ -77,6 +80,7 @@ class HintonKD(nn.Module):
 @TERMS.register("fitnet")
 class FitNet(nn.Module):
   """Romero et al. 2015 hints: a 1x1 adapter maps each student layer to its teacher layer."""
+  reads_teacher: ClassVar[bool] = True
   pairs: tuple[tuple[str, str], ...] = (("stage3", "stage3"),)
 
   @nn.compact
@@ -93,6 +97,7 @@ class FitNet(nn.Module):
 @TERMS.register("attention_transfer")
 class AttentionTransfer(nn.Module):
   """Zagoruyko & Komodakis 2017, summed over layer pairs (beta/2 goes into the weight)."""
+  reads_teacher: ClassVar[bool] = True
   pairs: tuple[tuple[str, str], ...] = (("stage2", "stage2"), ("stage3", "stage3"))
   p: int = 2
 
@@ -135,11 +140,16 @@ class MultiLayerKD(nn.Module):
   map to predict the label; its own loss is added), ``'teacher_at'`` (the
   teacher's Zagoruyko-Komodakis activation map, no parameters) or ``'uniform'``
   (plain FitNets at several layers, the ablation). Logit distillation is a
-  separate ``hinton_kd`` term so its weight is set apart.
+  separate ``hinton_kd`` term so its weight is set apart. ``standardize``
+  compares channel-standardised maps (PKD, ``losses.standardize_channels``):
+  the paper does not say how MKD scales its feature distance, and a raw MSE
+  to a teacher with large activations can outweigh the task loss early on.
   """
+  reads_teacher: ClassVar[bool] = True
   pairs: tuple[tuple[str, str], ...] = (("stage2", "stage2"), ("stage3", "stage3"),
                                         ("stage4", "stage4"))
   attention: str = "learned"
+  standardize: bool = False
 
   @nn.compact
   def __call__(self, student, teacher, batch, train):
@@ -161,7 +171,8 @@ class MultiLayerKD(nn.Module):
         weights = losses.attention_map(t_feat).reshape(b, h, w) ** 2
       else:
         weights = jnp.ones((b, h, w), t_feat.dtype)
-      total += losses.spatially_weighted_feature_loss(s_feat, t_feat, weights)
+      total += losses.spatially_weighted_feature_loss(s_feat, t_feat, weights,
+                                                      standardize=self.standardize)
     return total / len(self.pairs)
 
 
@@ -180,6 +191,7 @@ def _va_target(batch):
 @TERMS.register("teacher_bounded")
 class TeacherBounded(nn.Module):
   """Chen et al. 2017 teacher-bounded regression on valence/arousal (seed paper b)."""
+  reads_teacher: ClassVar[bool] = True
   margin: float = 0.0
 
   def __call__(self, student, teacher, batch, train):
@@ -212,6 +224,7 @@ class DisCo(nn.Module):
   In the contrastive phase the batch holds both augmented views, so one call
   covers DisCo's two terms (query view and key view).
   """
+  reads_teacher: ClassVar[bool] = True
   student_layer: str = "projection"
   teacher_layer: str = "projection"
 
@@ -252,6 +265,7 @@ class _AdaptedPairs(nn.Module):
 @TERMS.register("asdc_attention")
 class ASDCAttentionFeature(nn.Module):
   """ASDC-FER (seed c) attention-guided joint feature distillation, reconstructed."""
+  reads_teacher: ClassVar[bool] = True
   pairs: tuple[tuple[str, str], ...] = (("stage4", "stage4"),)
 
   @nn.compact
@@ -264,6 +278,7 @@ class ASDCAttentionFeature(nn.Module):
 @TERMS.register("asdc_key_feature")
 class ASDCKeyFeature(nn.Module):
   """ASDC-FER (seed c) facial key-feature guidance, reconstructed."""
+  reads_teacher: ClassVar[bool] = True
   pairs: tuple[tuple[str, str], ...] = (("stage4", "stage4"),)
   top_k_fraction: float = 0.25
 
@@ -273,6 +288,11 @@ class ASDCKeyFeature(nn.Module):
     adapted = _AdaptedPairs(self.pairs, name="adapt")(student, teacher)
     return sum(losses.key_feature_guidance(s, t, top_k_fraction=self.top_k_fraction)
                for s, t in adapted) / len(adapted)
+
+
+def reads_teacher(kind: str) -> bool:
+  """Whether loss term ``kind`` reads the teacher's outputs."""
+  return getattr(TERMS.get(kind), "reads_teacher", False)
 
 
 def _term_fields(cls) -> set[str]:

@@ -139,6 +139,10 @@ class Phase:
     self.teacher = finished[teacher_name] if teacher_name else None
     self.finished = finished
     self.specs = objectives.term_specs(self.cfg.terms)
+    teacher_terms = [term for term, kind, _ in self.specs if objectives.reads_teacher(kind)]
+    if teacher_terms and self.teacher is None:
+      raise ValueError(f"{name}: loss term(s) {', '.join(teacher_terms)} read the teacher, "
+                       f"but {name}.teacher is empty; name an earlier phase")
     self.objective = objectives.Objective(self.specs)
     self.weights = objectives.term_weights(self.cfg.terms)
     train_size = len(arrays[config.data.train_split]["label"])

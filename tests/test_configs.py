@@ -101,7 +101,7 @@ def test_cpu_argument_puts_the_embedded_defaults_models_on_real_data(name):
              or real[p].model != embedded[p].model for p in students)
 
 
-def test_quick_rows_take_the_cpu_models_and_cap_the_epochs():
+def test_quick_rows_take_the_cpu_models_cap_the_epochs_and_keep_only_occluders_and_flips():
   from experiments import rows  # pylint: disable=g-import-not-at-top
   quick, full = rows.row_config("fer2013", "row=mkd,quick"), rows.row_config("fer2013", "row=mkd")
   embedded = load_module("mkd").get_config(None)
@@ -109,6 +109,10 @@ def test_quick_rows_take_the_cpu_models_and_cap_the_epochs():
     assert quick[phase].model_kwargs.to_dict() == embedded[phase].model_kwargs.to_dict()
     assert quick[phase].epochs == rows.QUICK_EPOCHS < full[phase].epochs
   assert quick.data.name == "fer2013"
+  assert (quick.augment.crop_scale, quick.augment.rotation_deg, quick.augment.erase_prob) == (
+      (1.0, 1.0), 0.0, 0.0)
+  assert quick.augment.flip and quick.augment.occlusion_prob == full.augment.occlusion_prob > 0
+  assert full.augment.erase_prob > 0 and full.augment.rotation_deg > 0
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -247,3 +251,23 @@ def test_asdc_probe_trains_on_the_frozen_student_encoder(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, probe["batch_stats"]["encoder"],
                student["batch_stats"])
   assert set(probe["params"]["model"]) == {"encoder", "head"}
+
+
+def test_only_distilling_rows_take_the_shared_teacher_checkpoint():
+  from experiments import rows  # pylint: disable=g-import-not-at-top
+  for row in rows.ROWS:
+    config = rows.row_config("fer2013", f"row={row},teacher_checkpoint=/ckpt/teacher/best")
+    takes = row in ("hinton", "at", "fitnets", "mkd", "mkd_standardized", "tb_cls")
+    assert rows.reuses_teacher(row, config) == takes, row
+    if "teacher" in config.phases:
+      assert (config.teacher.checkpoint == "/ckpt/teacher/best") == takes, row
+
+
+def test_mkd_standardized_row_differs_from_mkd_only_in_the_feature_standardisation():
+  from experiments import rows  # pylint: disable=g-import-not-at-top
+  mkd, variant = (rows.row_config("fer2013", f"row={r},quick").to_dict()
+                  for r in ("mkd", "mkd_standardized"))
+  assert variant["student"]["terms"]["mkd"].pop("standardize") is True
+  assert mkd["student"]["terms"]["mkd"].pop("standardize", False) is False
+  assert {k: v for k, v in variant.items() if k != "name"} == {
+      k: v for k, v in mkd.items() if k != "name"}

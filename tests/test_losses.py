@@ -293,6 +293,29 @@ def test_spatially_weighted_feature_loss_matches_reference():
     losses.spatially_weighted_feature_loss(student, teacher, weights[:, :2])
 
 
+def np_standardize_channels(x, eps=1e-6):
+  # mmrazor PKDLoss.norm: per channel over (N, H, W), torch's unbiased std.
+  c = x.shape[-1]
+  flat = x.reshape(-1, c).astype(np.float64)
+  return ((flat - flat.mean(0)) / (flat.std(0, ddof=1) + eps)).reshape(x.shape)
+
+
+def test_standardized_feature_loss_matches_reference_and_ignores_teacher_scale():
+  rng = _rng(16)
+  student, teacher = _normal(rng, 3, 6, 6, 4), _normal(rng, 3, 3, 3, 4, scale=7.0) + 2.0
+  weights = rng.uniform(0.1, 1.0, (3, 3, 3)).astype(np.float32)
+  resized = np_resize(student.astype(np.float64), 3, 3)
+  per_location = np_channel_mse(np_standardize_channels(resized),
+                                np_standardize_channels(teacher))
+  expected = np.sum(weights * per_location) / np.sum(weights)
+  fn = jax.jit(functools.partial(losses.spatially_weighted_feature_loss, standardize=True))
+  _close(fn(student, teacher, weights), expected)
+  # A standardised distance is 2 (1 - r): it does not see the teacher's scale or offset.
+  _close(fn(student, 10 * teacher - 3, weights), expected)
+  _close(fn(teacher, teacher, weights), 0.0)
+  _close(losses.standardize_channels(teacher), np_standardize_channels(teacher))
+
+
 @pytest.mark.parametrize("shape", [(6,), (6, 2)])
 @pytest.mark.parametrize("margin", [0.0, 0.5, 100.0])
 def test_teacher_bounded_regression_matches_reference(shape, margin):

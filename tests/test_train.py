@@ -1,4 +1,5 @@
 """The core: one fused, sharded distillation step; exact resume; clear failures."""
+import inspect
 import json
 import os
 import pathlib
@@ -224,6 +225,23 @@ def test_unknown_layer_name_fails_before_compiling(tmp_path):
   phase = train.Phase(config, "student", dataset, arrays, mesh, tmp_path, writer, finished)
   with pytest.raises(ValueError, match="student layer 'stage9'.*available: logits, embedding"):
     phase.check_layer_names()
+
+
+def test_terms_that_read_the_teacher_need_one(tmp_path):
+  config = tiny_config()
+  config.student.teacher = ""
+  dataset, arrays = train.load_data(config.data)
+  writer = train.MetricWriter(tmp_path / "m.jsonl")
+  with pytest.raises(ValueError, match="student: loss term.s. at, kd, mkd read the teacher"):
+    train.Phase(config, "student", dataset, arrays, train.make_mesh(), tmp_path, writer, {})
+  config.student.terms = {"ce": dict(weight=1.0)}
+  train.Phase(config, "student", dataset, arrays, train.make_mesh(), tmp_path, writer, {})
+
+
+def test_reads_teacher_matches_what_each_term_requires():
+  for kind in train.objectives.TERMS.names():
+    source = inspect.getsource(train.objectives.TERMS.get(kind))
+    assert train.objectives.reads_teacher(kind) == ("_require_teacher" in source), kind
 
 
 def test_unknown_term_field_is_named():

@@ -36,10 +36,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import hardware  # noqa: E402
-from fer_jax import steps, train  # noqa: E402
-
-# Terms that read no teacher output: a variant made of them only drops the teacher.
-TEACHERLESS_KINDS = ("ce", "aux_loss", "va_mse", "ccc", "moco")
+from fer_jax import objectives, steps, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _PHASE = flags.DEFINE_string("phase", "", "One phase (default: every phase).")
@@ -81,7 +78,7 @@ def with_terms(config, phase: str, keep: list[str]):
     raise ValueError(f"--variants names terms {sorted(unknown)} that {phase} does not have; "
                      f"it has {sorted(config[phase].terms)}")
   config[phase].terms = {k: v for k, v in config[phase].terms.items() if k in keep}
-  if all(t.get("kind", k) in TEACHERLESS_KINDS for k, t in config[phase].terms.items()):
+  if not any(objectives.reads_teacher(t.get("kind", k)) for k, t in config[phase].terms.items()):
     config[phase].teacher = ""
   return config
 
