@@ -245,9 +245,10 @@ def standardize_channels(feature: jax.Array, eps: float = 1e-6) -> jax.Array:
   The normalisation of PKD (Cao et al., "PKD: General Distillation Framework
   for Object Detectors via Pearson Correlation Coefficient", NeurIPS 2022;
   mmrazor ``PKDLoss.norm``): ``(x - mean_c) / (std_c + eps)`` with the
-  unbiased std, statistics over (B, H, W). An MSE between standardised maps is
-  ``2 * (1 - Pearson r)`` per channel, so it ignores the teacher's activation
-  scale, which a raw MSE inherits.
+  unbiased std, statistics over (B, H, W) of the global batch. The MSE between
+  two standardised channels is about ``2 * (1 - r)``, r their Pearson
+  correlation, so it ignores the teacher's activation scale, which a raw MSE
+  inherits.
   """
   _check_rank("standardize_channels", "feature", feature, 4, "NHWC")
   feature = _as_float32(feature)

@@ -310,7 +310,7 @@ def test_standardized_feature_loss_matches_reference_and_ignores_teacher_scale()
   expected = np.sum(weights * per_location) / np.sum(weights)
   fn = jax.jit(functools.partial(losses.spatially_weighted_feature_loss, standardize=True))
   _close(fn(student, teacher, weights), expected)
-  # A standardised distance is 2 (1 - r): it does not see the teacher's scale or offset.
+  # A standardised distance is about 2 (1 - r): blind to the teacher's scale and offset.
   _close(fn(student, 10 * teacher - 3, weights), expected)
   _close(fn(teacher, teacher, weights), 0.0)
   _close(losses.standardize_channels(teacher), np_standardize_channels(teacher))
