@@ -14,5 +14,5 @@ from configs import mkd
 def get_config(arg=None):
   config = mkd.get_config(arg)
   config.name = "baseline_fitnets"
-  config.student.terms = {"ce": dict(weight=1.0), "fitnet": dict(weight=1.0, pairs=(("stage3", "stage2"), ("stage4", "stage3"), ("stage5", "stage4")))}
+  config.student.terms = {"ce": dict(weight=1.0), "fitnet": dict(weight=1.0, standardize=False, pairs=(("stage3", "stage2"), ("stage4", "stage3"), ("stage5", "stage4")))}
   return config

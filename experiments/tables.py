@@ -4,6 +4,8 @@ import pathlib
 
 import numpy as np
 
+from experiments import rows as rows_lib
+
 HERE = pathlib.Path(__file__).resolve().parent
 OCCLUDERS = ("eyes", "mouth", "blocks", "hand")
 SPLITS = {
@@ -36,13 +38,13 @@ COMPARISON_ROWS = {"fer2013": HERE / "fer_package" / "results.json"}
 def write(suite: str, table: dict, meta: dict) -> None:
   test, extra = SPLITS[suite]
   out = HERE / suite
+  meta = {row: meta[row] for row in _in_row_order(meta, meta)}
   plots = _plots(suite, meta, table)
   comparison = COMPARISON_ROWS.get(suite)
   if comparison is not None and comparison.is_file():
     measured = json.loads(comparison.read_text())
     table, meta = {**measured["table"], **table}, {**meta, **measured["meta"]}
-  rows = sorted({k.split("/")[0] for k in table}, key=lambda r: list(meta).index(r)
-                if r in meta else 99)
+  rows = _in_row_order({k.split("/")[0] for k in table}, meta)
   head = (["row", "params", "MMACs", "CPU img/s", f"{test} acc", "mean-class acc"]
           + [f"occl. {o}" for o in OCCLUDERS] + ["occl. mean", "drop"]
           + [s for s in extra] + ["wall s"])
@@ -54,8 +56,9 @@ def write(suite: str, table: dict, meta: dict) -> None:
            "64 (`fer_jax.tools.count.cpu_images_per_second`).", "",
            TARGETS[suite], "",
            "Rows marked `quick` use the 2-core CPU budget of experiments/README.md (small "
-           "strided-stem models, at most 10 epochs, occluders and flips as the only "
-           "augmentation), not the papers' recipe.", "",
+           f"strided-stem models, at most {rows_lib.QUICK_EPOCHS} epochs a phase "
+           f"({rows_lib.QUICK_CONTRASTIVE_EPOCHS} for contrastive pre-training), occluders "
+           "and flips as the only augmentation), not the papers' recipe.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:
     clean = table.get(f"{row}/{test}/accuracy")
@@ -84,6 +87,13 @@ def write(suite: str, table: dict, meta: dict) -> None:
   (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
+def _in_row_order(names, meta: dict) -> list[str]:
+  """experiments.rows order (teacher, its ablations, students, probe), then the others as run."""
+  known, run = list(rows_lib.ROWS), list(meta)
+  return sorted(names, key=lambda row: (known.index(row) if row in known else len(known),
+                                        run.index(row) if row in run else len(run)))
+
+
 def _best_student(suite: str, meta: dict, table: dict) -> str | None:
   """The trained student row with the highest test accuracy."""
   test = SPLITS[suite][0]
@@ -102,7 +112,8 @@ def _plots(suite: str, meta: dict, table: dict) -> list[str]:
   out = HERE / suite
   made = []
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-  for row, info in meta.items():
+  colours = plt.get_cmap("tab20").colors  # more rows than the default cycle's 10 colours
+  for i, (row, info) in enumerate(meta.items()):
     path = pathlib.Path(info["workdirs"][0]) / "metrics.jsonl"
     if not path.exists():
       continue
@@ -110,10 +121,12 @@ def _plots(suite: str, meta: dict, table: dict) -> list[str]:
     phase = records[-1]["phase"]
     train_rec = [r for r in records if r["phase"] == phase and "loss" in r]
     eval_rec = [r for r in records if r["phase"] == phase and "split" in r]
+    style = dict(label=row, color=colours[i % len(colours)],
+                 linestyle="--" if row.startswith("teacher") else "-")
     if train_rec:
-      ax_loss.plot([r["step"] for r in train_rec], [r["loss"] for r in train_rec], label=row)
+      ax_loss.plot([r["step"] for r in train_rec], [r["loss"] for r in train_rec], **style)
     if eval_rec:
-      ax_acc.plot([r["step"] for r in eval_rec], [r["accuracy"] for r in eval_rec], label=row)
+      ax_acc.plot([r["step"] for r in eval_rec], [r["accuracy"] for r in eval_rec], **style)
   ax_loss.set(xlabel="step", ylabel="training loss", yscale="log")
   ax_acc.set(xlabel="step", ylabel="validation accuracy")
   ax_acc.legend(fontsize=7)
@@ -121,6 +134,8 @@ def _plots(suite: str, meta: dict, table: dict) -> list[str]:
   fig.savefig(out / "learning_curves.png", dpi=90)
   plt.close(fig)
   made.append("learning_curves.png")
+  for stale in out.glob("confusion_*.png"):  # the best student may have changed
+    stale.unlink()
   for row in filter(None, (_best_student(suite, meta, table), "teacher")):
     details_path = pathlib.Path(meta.get(row, {}).get("workdirs", [""])[0]) / "details.json"
     if details_path.is_file():
@@ -149,13 +164,12 @@ def _plots(suite: str, meta: dict, table: dict) -> list[str]:
 def _attention_plot(suite, teacher_meta, plt) -> bool:
   """The AFNet teacher's region-attention maps on occluded test faces."""
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import rows  # pylint: disable=g-import-not-at-top
   from fer_jax import train  # pylint: disable=g-import-not-at-top
   from fer_jax.data import augment, occlusion  # pylint: disable=g-import-not-at-top
   best = pathlib.Path(teacher_meta["workdirs"][0]) / "teacher" / "best"
   if not best.is_dir():
     return False
-  config = rows.row_config(suite, teacher_meta["arg"])
+  config = rows_lib.row_config(suite, teacher_meta["arg"])
   _, arrays = train.load_data(config.data)
   test = arrays[config.data.test_split]
   model = train.build_model(config.teacher, int(test["label"].max()) + 1)

@@ -70,8 +70,11 @@ def _resize_spatial(feature: jax.Array, height: int, width: int) -> jax.Array:
 
 
 def _aligned_feature_pair(fn_name: str, student_feature: jax.Array,
-                          teacher_feature: jax.Array):
-  """Checks an NHWC pair; returns both in float32, the student resized."""
+                          teacher_feature: jax.Array, standardize: bool = False):
+  """Checks an NHWC pair; returns both in float32, the student resized.
+
+  ``standardize``: both maps through ``standardize_channels`` after the resize.
+  """
   _check_rank(fn_name, "student_feature", student_feature, 4, "NHWC")
   _check_rank(fn_name, "teacher_feature", teacher_feature, 4, "NHWC")
   if student_feature.shape[0] != teacher_feature.shape[0]:
@@ -85,6 +88,8 @@ def _aligned_feature_pair(fn_name: str, student_feature: jax.Array,
         "to the teacher's width with a 1x1 adapter first")
   teacher = jax.lax.stop_gradient(_as_float32(teacher_feature))
   student = _resize_spatial(_as_float32(student_feature), *teacher.shape[1:3])
+  if standardize:
+    return standardize_channels(student), standardize_channels(teacher)
   return student, teacher
 
 
@@ -165,13 +170,14 @@ def hinton_kd(student_logits: jax.Array, teacher_logits: jax.Array, *,
   return temperature**2 * jnp.mean(kl)
 
 
-def fitnet_hint(student_feature: jax.Array,
-                teacher_feature: jax.Array) -> jax.Array:
+def fitnet_hint(student_feature: jax.Array, teacher_feature: jax.Array, *,
+                standardize: bool = False) -> jax.Array:
   """FitNets hint loss (Romero et al. 2015) between adapted student and teacher.
 
   The student map must already be through the trainer's 1x1 regressor (same
   channel count as the teacher); a different spatial size is bilinearly
-  resized to the teacher's (module docstring).
+  resized to the teacher's (module docstring). ``standardize`` compares
+  ``standardize_channels`` of both maps (PKD) instead of the raw activations.
 
   Returns:
     float32 scalar, mean over all B*H*W*C elements of (s - t)^2. FitNets
@@ -179,7 +185,7 @@ def fitnet_hint(student_feature: jax.Array,
     2/(B*H*W*C) and is absorbed by the loss weight.
   """
   student, teacher = _aligned_feature_pair("fitnet_hint", student_feature,
-                                           teacher_feature)
+                                           teacher_feature, standardize)
   return jnp.mean(jnp.square(student - teacher))
 
 
@@ -286,9 +292,7 @@ def spatially_weighted_feature_loss(student_feature: jax.Array,
     float32 scalar.
   """
   student, teacher = _aligned_feature_pair("spatially_weighted_feature_loss",
-                                           student_feature, teacher_feature)
-  if standardize:
-    student, teacher = standardize_channels(student), standardize_channels(teacher)
+                                           student_feature, teacher_feature, standardize)
   if weight_map.shape != teacher.shape[:3]:
     raise ValueError(f"spatially_weighted_feature_loss: weight_map must be "
                      f"[B, H, W] = {teacher.shape[:3]} (the teacher's grid), "

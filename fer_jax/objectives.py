@@ -79,9 +79,13 @@ class HintonKD(nn.Module):
 
 @TERMS.register("fitnet")
 class FitNet(nn.Module):
-  """Romero et al. 2015 hints: a 1x1 adapter maps each student layer to its teacher layer."""
+  """Romero et al. 2015 hints: a 1x1 adapter maps each student layer to its teacher layer.
+
+  ``standardize``: compare channel-standardised maps, as ``mkd.standardize``.
+  """
   reads_teacher: ClassVar[bool] = True
   pairs: tuple[tuple[str, str], ...] = (("stage3", "stage3"),)
+  standardize: bool = False
 
   @nn.compact
   def __call__(self, student, teacher, batch, train):
@@ -90,7 +94,7 @@ class FitNet(nn.Module):
     for i, (s_name, t_name) in enumerate(self.pairs):
       t_feat = layer(teacher, t_name)
       s_feat = _FeatureAdapter(t_feat.shape[-1], name=f"adapter_{i}")(layer(student, s_name))
-      total += losses.fitnet_hint(s_feat, t_feat)
+      total += losses.fitnet_hint(s_feat, t_feat, standardize=self.standardize)
     return total / len(self.pairs)
 
 

@@ -115,6 +115,39 @@ def test_quick_rows_take_the_cpu_models_cap_the_epochs_and_keep_only_occluders_a
   assert full.augment.erase_prob > 0 and full.augment.rotation_deg > 0
 
 
+def test_quick_asdc_row_stops_contrastive_pretraining_earlier_than_the_probe():
+  from experiments import rows  # pylint: disable=g-import-not-at-top
+  quick, full = (rows.row_config("fer2013", f"row=asdc_probe{q}") for q in (",quick", ""))
+  assert [quick[p].epochs for p in quick.phases] == [
+      rows.QUICK_CONTRASTIVE_EPOCHS, rows.QUICK_CONTRASTIVE_EPOCHS, rows.QUICK_EPOCHS]
+  assert all(full[p].epochs > quick[p].epochs for p in full.phases)
+
+
+def test_every_row_reads_only_layers_its_models_have(tmp_path):
+  """Each row's loss terms against its models' outputs (shapes only, nothing compiled).
+
+  A teacher ablation that removes a part must also remove the terms that read
+  it: ``teacher_no_regions`` once kept the region regulariser, and failed only
+  when its run started.
+  """
+  from experiments import rows  # pylint: disable=g-import-not-at-top
+  mesh = train.make_mesh()
+  data = rows.row_config("synthetic", "row=teacher").data
+  data.update(load_config("mkd", "smoke").data)
+  dataset, arrays = train.load_data(data)
+  writer = train.MetricWriter(tmp_path / "metrics.jsonl")
+  for row in rows.ROWS:
+    config = rows.row_config("synthetic", f"row={row}")
+    config.data = data
+    finished = {}
+    for name in config.phases:
+      phase = train.Phase(config, name, dataset, arrays, mesh, tmp_path, writer, finished)
+      phase.check_layer_names()
+      finished[name] = phase.finish(None)
+  no_regions = rows.row_config("synthetic", "row=teacher_no_regions").teacher
+  assert "region" not in no_regions.terms and no_regions.model_kwargs.num_regions == 0
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_smoke_argument_shrinks_every_phase(name):
   full, smoke = load_module(name).get_config(None), load_config(name, "smoke")
@@ -257,17 +290,19 @@ def test_only_distilling_rows_take_the_shared_teacher_checkpoint():
   from experiments import rows  # pylint: disable=g-import-not-at-top
   for row in rows.ROWS:
     config = rows.row_config("fer2013", f"row={row},teacher_checkpoint=/ckpt/teacher/best")
-    takes = row in ("hinton", "at", "fitnets", "mkd", "mkd_standardized", "tb_cls")
+    takes = row in ("hinton", "at", "fitnets", "fitnets_standardized", "mkd", "mkd_standardized",
+                    "tb_cls")
     assert rows.reuses_teacher(row, config) == takes, row
     if "teacher" in config.phases:
       assert (config.teacher.checkpoint == "/ckpt/teacher/best") == takes, row
 
 
-def test_mkd_standardized_row_differs_from_mkd_only_in_the_feature_standardisation():
+@pytest.mark.parametrize("row,term", [("mkd", "mkd"), ("fitnets", "fitnet")])
+def test_standardized_rows_differ_only_in_the_feature_standardisation(row, term):
   from experiments import rows  # pylint: disable=g-import-not-at-top
-  mkd, variant = (rows.row_config("fer2013", f"row={r},quick").to_dict()
-                  for r in ("mkd", "mkd_standardized"))
-  assert variant["student"]["terms"]["mkd"].pop("standardize") is True
-  assert mkd["student"]["terms"]["mkd"].pop("standardize", False) is False
+  raw, variant = (rows.row_config("fer2013", f"row={r},quick").to_dict()
+                  for r in (row, f"{row}_standardized"))
+  assert variant["student"]["terms"][term].pop("standardize") is True
+  assert raw["student"]["terms"][term].pop("standardize") is False
   assert {k: v for k, v in variant.items() if k != "name"} == {
-      k: v for k, v in mkd.items() if k != "name"}
+      k: v for k, v in raw.items() if k != "name"}

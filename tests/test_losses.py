@@ -300,7 +300,7 @@ def np_standardize_channels(x, eps=1e-6):
   return ((flat - flat.mean(0)) / (flat.std(0, ddof=1) + eps)).reshape(x.shape)
 
 
-def test_standardized_feature_loss_matches_reference_and_ignores_teacher_scale():
+def test_standardized_feature_losses_match_reference_and_ignore_teacher_scale():
   rng = _rng(16)
   student, teacher = _normal(rng, 3, 6, 6, 4), _normal(rng, 3, 3, 3, 4, scale=7.0) + 2.0
   weights = rng.uniform(0.1, 1.0, (3, 3, 3)).astype(np.float32)
@@ -314,6 +314,8 @@ def test_standardized_feature_loss_matches_reference_and_ignores_teacher_scale()
   _close(fn(student, 10 * teacher - 3, weights), expected)
   _close(fn(teacher, teacher, weights), 0.0)
   _close(losses.standardize_channels(teacher), np_standardize_channels(teacher))
+  # FitNets' hint takes the same switch: the unweighted mean of those locations.
+  _close(losses.fitnet_hint(student, teacher, standardize=True), np.mean(per_location))
 
 
 @pytest.mark.parametrize("shape", [(6,), (6, 2)])
