@@ -41,17 +41,11 @@ HERE = pathlib.Path(__file__).resolve().parent
 IMAGE_SHAPE = (48, 48, 1)  # FER2013, FER+ and the embedded faces
 
 
-def _row_arg(row, seed, teacher_dir):
-  arg = f"row={row},seed={seed}"
-  if _QUICK.value:
-    arg += ",quick"
-  if _EPOCHS.value:
-    arg += f",epochs={_EPOCHS.value}"
-  if _STEPS.value:
-    arg += f",steps={_STEPS.value}"
+def _row_arg(row, seed, options, teacher_dir):
+  fields = [f"row={row}", f"seed={seed}", *options]
   if teacher_dir:
-    arg += f",teacher_checkpoint={teacher_dir}"
-  return arg
+    fields.append(f"teacher_checkpoint={teacher_dir}")
+  return ",".join(fields)
 
 
 def _reported_phase(config):
@@ -65,26 +59,29 @@ def _cpu_images_per_second(phase_cfg, workdir: pathlib.Path) -> float:
       num_classes=len(class_names), **dict(phase_cfg.get("model_kwargs", None) or {}))
 
 
-def main(argv):
-  del argv
-  checkpoint.quiet_logs()
-  suite = _SUITE.value
-  out_dir = HERE / suite
+def run_rows(suite: str, rows: list[str], seeds: list[int], workroot: str,
+             options: tuple[str, ...] = (), out_dir: pathlib.Path | None = None) -> None:
+  """Trains (or re-evaluates) ``rows`` over ``seeds`` and rewrites the suite's tables.
+
+  ``options`` are row-config fields appended to each row's argument (``quick``,
+  ``epochs=N``, ``steps=N``); ``out_dir`` defaults to experiments/<suite>.
+  """
+  out_dir = out_dir or HERE / suite
   results_path = out_dir / "results.json"
   table = json.loads(results_path.read_text()) if results_path.exists() else {}
   meta_path = out_dir / "rows.json"
   meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
   module = f"experiments/{suite}/config.py"
-  for row in _ROWS.value:
+  for row in rows:
     per_seed, workdirs, walls = [], [], {}
     earlier_walls = meta.get(row, {}).get("wall_seconds_per_seed", {})
-    for seed in map(int, _SEEDS.value):
-      teacher_dir = pathlib.Path(_WORKROOT.value) / suite / f"teacher_s{seed}" / "teacher" / "best"
+    for seed in seeds:
+      teacher_dir = pathlib.Path(workroot) / suite / f"teacher_s{seed}" / "teacher" / "best"
       reuse = teacher_dir.exists() and rows_lib.reuses_teacher(
-          row, rows_lib.row_config(suite, _row_arg(row, seed, "")))
-      arg = _row_arg(row, seed, teacher_dir if reuse else "")
+          row, rows_lib.row_config(suite, _row_arg(row, seed, options, "")))
+      arg = _row_arg(row, seed, options, teacher_dir if reuse else "")
       config = rows_lib.row_config(suite, arg)
-      workdir = pathlib.Path(_WORKROOT.value) / suite / f"{row}_s{seed}"
+      workdir = pathlib.Path(workroot) / suite / f"{row}_s{seed}"
       trained_before = (workdir / "results.json").exists() and str(seed) in earlier_walls
       start = time.time()
       results = train.train_and_evaluate(config, str(workdir))
@@ -104,7 +101,8 @@ def main(argv):
       table[f"{row}/{key}"] = float(values.mean())
       if len(values) > 1:
         table[f"{row}/{key}_std"] = float(values.std(ddof=1))
-    meta[row] = {"command": command, "arg": arg, "hardware": hardware.describe(), "seeds": _SEEDS.value,
+    meta[row] = {"command": command, "arg": arg, "hardware": hardware.describe(),
+                 "seeds": [str(s) for s in seeds],
                  "wall_seconds": round(float(np.mean(list(walls.values()))), 1),
                  "wall_seconds_per_seed": walls, "workdirs": workdirs,
                  "date": time.strftime("%Y-%m-%d")}
@@ -112,7 +110,17 @@ def main(argv):
     results_path.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
   from experiments import tables  # pylint: disable=g-import-not-at-top
-  tables.write(suite, table, meta)
+  tables.write(suite, table, meta, out_dir)
+
+
+def main(argv):
+  del argv
+  checkpoint.quiet_logs()
+  options = [field for field, wanted in (("quick", _QUICK.value),
+                                         (f"epochs={_EPOCHS.value}", _EPOCHS.value),
+                                         (f"steps={_STEPS.value}", _STEPS.value)) if wanted]
+  run_rows(_SUITE.value, _ROWS.value, [int(s) for s in _SEEDS.value], _WORKROOT.value,
+           tuple(options))
 
 
 if __name__ == "__main__":

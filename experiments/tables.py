@@ -35,11 +35,12 @@ def _pct(table, key):
 COMPARISON_ROWS = {"fer2013": HERE / "fer_package" / "results.json"}
 
 
-def write(suite: str, table: dict, meta: dict) -> None:
+def write(suite: str, table: dict, meta: dict, out: pathlib.Path | None = None) -> None:
+  """Writes results.md and the plots into ``out`` (default experiments/<suite>)."""
   test, extra = SPLITS[suite]
-  out = HERE / suite
+  out = out or HERE / suite
   meta = {row: meta[row] for row in _in_row_order(meta, meta)}
-  plots = _plots(suite, meta, table)
+  plots = _plots(suite, meta, table, out)
   comparison = COMPARISON_ROWS.get(suite)
   if comparison is not None and comparison.is_file():
     measured = json.loads(comparison.read_text())
@@ -109,14 +110,13 @@ def _best_student(suite: str, meta: dict, table: dict) -> str | None:
   return max(students, key=lambda row: table[f"{row}/{test}/accuracy"], default=None)
 
 
-def _plots(suite: str, meta: dict, table: dict) -> list[str]:
+def _plots(suite: str, meta: dict, table: dict, out: pathlib.Path) -> list[str]:
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
     return []
-  out = HERE / suite
   made = []
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   colours = plt.get_cmap("tab20").colors  # more rows than the default cycle's 10 colours
@@ -163,12 +163,12 @@ def _plots(suite: str, meta: dict, table: dict) -> list[str]:
       plt.close(fig)
       made.append(f"confusion_{row}.png")
   if "teacher" in meta and "arg" in meta["teacher"] and \
-      _attention_plot(suite, meta["teacher"], plt):
+      _attention_plot(suite, meta["teacher"], plt, out):
     made.append("attention_maps.png")
   return made
 
 
-def _attention_plot(suite, teacher_meta, plt) -> bool:
+def _attention_plot(suite, teacher_meta, plt, out: pathlib.Path) -> bool:
   """The AFNet teacher's region-attention maps on occluded test faces."""
   import jax  # pylint: disable=g-import-not-at-top
   from fer_jax import train  # pylint: disable=g-import-not-at-top
@@ -203,6 +203,6 @@ def _attention_plot(suite, teacher_meta, plt) -> bool:
     ax.set_yticks([])
   fig.suptitle("AFNet teacher: occluded face | mean region-attention map (region weights)")
   fig.tight_layout()
-  fig.savefig(HERE / suite / "attention_maps.png", dpi=80)
+  fig.savefig(out / "attention_maps.png", dpi=80)
   plt.close(fig)
   return True

@@ -17,6 +17,7 @@ mkd, teacher_bounded, asdc, baseline_student, baseline_hinton, baseline_at and
 baseline_fitnets. The default run keeps the config-argument checks.
 """
 import importlib.util
+import itertools
 import json
 import math
 import pathlib
@@ -115,6 +116,23 @@ def test_quick_rows_take_the_cpu_models_cap_the_epochs_and_keep_only_occluders_a
   assert full.augment.erase_prob > 0 and full.augment.rotation_deg > 0
 
 
+def test_full_size_fer2013_students_cost_at_most_a_tenth_of_the_teacher():
+  """Issue 6's student target: at most 1/10 of the teacher's MACs (and >= 72.5 %)."""
+  from experiments import rows  # pylint: disable=g-import-not-at-top
+  from fer_jax.tools import count  # pylint: disable=g-import-not-at-top
+
+  def macs(phase_config):
+    return count.count(phase_config.model, (48, 48, 1), num_classes=7,
+                       **phase_config.model_kwargs.to_dict())["macs"]
+
+  teacher = macs(rows.row_config("fer2013", "row=teacher").teacher)
+  students = [rows.row_config("fer2013", f"row={row}").student for row in rows.STUDENT_CONFIGS]
+  assert len({(s.model, json.dumps(s.model_kwargs.to_dict(), sort_keys=True))
+              for s in students}) == 1, "the student rows share one student"
+  student = macs(students[0])
+  assert 1e9 < teacher and 0 < 10 * student <= teacher, (student, teacher)
+
+
 def test_quick_asdc_row_stops_contrastive_pretraining_earlier_than_the_probe():
   from experiments import rows  # pylint: disable=g-import-not-at-top
   quick, full = (rows.row_config("fer2013", f"row=asdc_probe{q}") for q in (",quick", ""))
@@ -128,15 +146,16 @@ def test_every_row_reads_only_layers_its_models_have(tmp_path):
 
   A teacher ablation that removes a part must also remove the terms that read
   it: ``teacher_no_regions`` once kept the region regulariser, and failed only
-  when its run started.
+  when its run started. The full-size FER2013 rows (never run on a 2-core
+  CPU) are checked too, on the embedded faces' shapes.
   """
   from experiments import rows  # pylint: disable=g-import-not-at-top
   mesh = train.make_mesh()
   data = load_config("mkd", "smoke").data  # a few dozen embedded faces
   dataset, arrays = train.load_data(data)
   writer = train.MetricWriter(tmp_path / "metrics.jsonl")
-  for row in rows.ROWS:
-    config = rows.row_config("synthetic", f"row={row}")
+  for suite, row in itertools.product(("synthetic", "fer2013"), rows.ROWS):
+    config = rows.row_config(suite, f"row={row}")
     config.data = data
     finished = {}
     for name in config.phases:

@@ -1,0 +1,35 @@
+"""experiments/run.py's bookkeeping: rows and seeds filled in over several runs."""
+import json
+
+import numpy as np
+import pytest
+
+from experiments import run
+
+
+def test_a_seed_added_later_keeps_the_first_seeds_wall_time_and_is_averaged(tmp_path):
+  workroot, out = str(tmp_path / "work"), tmp_path / "out"
+  options = ("quick", "steps=2")
+  run.run_rows("synthetic", ["student_alone"], [0], workroot, options, out)
+  first = json.loads((out / "rows.json").read_text())["student_alone"]
+
+  run.run_rows("synthetic", ["student_alone"], [0, 1], workroot, options, out)
+  meta = json.loads((out / "rows.json").read_text())["student_alone"]
+  table = json.loads((out / "results.json").read_text())
+
+  walls = meta["wall_seconds_per_seed"]
+  assert set(walls) == {"0", "1"}
+  # Seed 0 was only re-evaluated from its checkpoint the second time.
+  assert walls["0"] == first["wall_seconds_per_seed"]["0"]
+  assert meta["wall_seconds"] == pytest.approx((walls["0"] + walls["1"]) / 2, abs=0.05)
+  assert meta["seeds"] == ["0", "1"]
+  per_seed = [json.loads((tmp_path / "work" / "synthetic" / f"student_alone_s{s}" /
+                          "results.json").read_text())["student/test/accuracy"] for s in (0, 1)]
+  assert table["student_alone/test/accuracy"] == pytest.approx(np.mean(per_seed))
+  # Sample standard deviation of two values: |a - b| / sqrt(2).
+  assert table["student_alone/test/accuracy_std"] == pytest.approx(
+      abs(per_seed[0] - per_seed[1]) / np.sqrt(2))
+  assert "params_std" not in {k.split("/", 1)[1] for k in table}
+  assert table["student_alone/cpu_images_per_second"] > 0
+  assert "| student_alone (quick, CPU) |" in (out / "results.md").read_text()
+  assert "seeds 0,1" in (out / "results.md").read_text()
