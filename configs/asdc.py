@@ -9,28 +9,28 @@ Reconstruction (methods.md §1c; the paper's text is not public): three phases.
     evaluation, the protocol the paper's 62.04 % on FER2013 implies).
 
 Embedded default, 2 CPU cores:
-  python -m fer_jax.main --config=configs/asdc.py --workdir=workdirs/fer_asdc
+  python -m fer_jax.main --config=configs/asdc.py
   measured (idle 2-core CPU, 20 min 13 s wall): probe/test/accuracy 0.371
   (chance 0.143). Weak: a ridge classifier on the standardised frozen student
   embeddings gets the same 0.38, and one on raw pixels 0.60
   (tests/test_synthetic.py), so 8 epochs of MoCo on these faces learn mostly
   pose, lighting and identity, not expression.
-FER2013: --config=configs/asdc.py:data=fer2013 (``,cpu``: the embedded default's encoders)
+FER2013: --config=configs/asdc.py:data=fer2013 (``,cpu``: the 2-core budget of configs/common.py)
 Smoke test: --config=configs/asdc.py:smoke
 """
 import ml_collections
 
+from configs import common
 from fer_jax import config_utils as cu
 from fer_jax.data.augment import default_augment_config
 
 
 def get_config(arg=None):
-  arg = cu.parse_arg(arg, smoke=False, data="synthetic", seed=0, cpu=False)
+  arg = common.parse(arg)
   real = arg.data != "synthetic"
   full_size = real and not arg.cpu  # ``cpu``: the embedded default's encoders on real data
   config = ml_collections.ConfigDict()
   config.name = "asdc"
-  config.seed = arg.seed
   config.data = cu.data_config(arg.data, smoke=arg.smoke)
   config.augment = default_augment_config()
   # MoCo v2's views are stronger than supervised augmentation (aug-plus).
@@ -39,8 +39,8 @@ def get_config(arg=None):
   config.eval_batch_size = 512
   config.phases = ("teacher", "student", "probe")
   epochs = 100 if real else 8
-  moco = dict(contrastive=True, queue_size=8192 if real else 2048, ema_momentum=0.99,
-              evaluate=False)
+  moco = dict(plugin="moco", evaluate=False,
+              plugin_kwargs=dict(queue_size=8192 if real else 2048, ema_momentum=0.99))
   stem = "small" if full_size else "imagenet"  # strided on the embedded faces for CPU speed
   teacher_encoder = dict(encoder="resnet18",
                          encoder_kwargs=dict(stem=stem, width=64 if full_size else 32))
@@ -64,8 +64,7 @@ def get_config(arg=None):
       {"ce": dict(weight=1.0)}, epochs=30 if real else 10, batch_size=256,
       optimizer=cu.optimizer_config("sgd", lr=1.0, weight_decay=0.0),
       init_from="student", init_into="encoder", freeze=("encoder",))
+  config.seed = 0
   if arg.smoke:
-    for phase in config.phases:
-      cu.smoke_phase(config[phase])
-    config.teacher.queue_size = config.student.queue_size = 64
-  return config
+    config.teacher.plugin_kwargs.queue_size = config.student.plugin_kwargs.queue_size = 64
+  return common.finish(config, arg)

@@ -1,18 +1,14 @@
 r"""Hinton KD only (Hinton et al. 2015): logits, T = 4.
 
-The same teacher as configs/mkd.py; the student (MobileNetV2) learns with cross-entropy + Hinton logit KD.
+configs/mkd.py with ``distill=hinton``: the student learns with 0.1 CE + 0.9 Hinton KD.
+Embedded default: python -m fer_jax.main --config=configs/baseline_hinton.py
+  measured: see experiments/synthetic/results.md for the row.
 Reuse a trained teacher instead of retraining it:
-  python -m fer_jax.main --config=configs/baseline_hinton.py --workdir=workdirs/fer_baseline_hinton \
-      --config.teacher.checkpoint=workdirs/fer_mkd/teacher/best
-Embedded default: python -m fer_jax.main --config=configs/baseline_hinton.py --workdir=workdirs/fer_baseline_hinton
-  expected: see experiments/synthetic/results.md for the measured row.
+  --config=configs/baseline_hinton.py:teacher_checkpoint=workdirs/mkd/teacher/model
 Smoke test: --config=configs/baseline_hinton.py:smoke
 """
 from configs import mkd
 
 
 def get_config(arg=None):
-  config = mkd.get_config(arg)
-  config.name = "baseline_hinton"
-  config.student.terms = {"ce": dict(weight=0.1), "kd": dict(kind="hinton_kd", weight=0.9, temperature=4.0)}
-  return config
+  return mkd.get_config(f"{arg or ''},distill=hinton,name=baseline_hinton")

@@ -18,7 +18,6 @@ import json
 import pathlib
 import time
 
-import jax
 import numpy as np
 from absl import app, flags
 
@@ -76,9 +75,8 @@ def run_rows(suite: str, rows: list[str], seeds: list[int], workroot: str,
     per_seed, workdirs, walls = [], [], {}
     earlier_walls = meta.get(row, {}).get("wall_seconds_per_seed", {})
     for seed in seeds:
-      teacher_dir = pathlib.Path(workroot) / suite / f"teacher_s{seed}" / "teacher" / "best"
-      reuse = teacher_dir.exists() and rows_lib.reuses_teacher(
-          row, rows_lib.row_config(suite, _row_arg(row, seed, options, "")))
+      teacher_dir = pathlib.Path(workroot) / suite / f"teacher_s{seed}" / "teacher" / "model"
+      reuse = teacher_dir.exists() and rows_lib.reuses_teacher(row)
       arg = _row_arg(row, seed, options, teacher_dir if reuse else "")
       config = rows_lib.row_config(suite, arg)
       workdir = pathlib.Path(workroot) / suite / f"{row}_s{seed}"

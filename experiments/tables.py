@@ -4,6 +4,7 @@ import pathlib
 
 import numpy as np
 
+from configs import common
 from experiments import rows as rows_lib
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -58,8 +59,8 @@ def write(suite: str, table: dict, meta: dict, out: pathlib.Path | None = None) 
            "training and every evaluation (mean over seeds).", "",
            TARGETS[suite], "",
            "Rows marked `quick` use the 2-core CPU budget of experiments/README.md (small "
-           f"strided-stem models, at most {rows_lib.QUICK_EPOCHS} epochs a phase "
-           f"({rows_lib.QUICK_CONTRASTIVE_EPOCHS} for contrastive pre-training), occluders "
+           f"strided-stem models, at most {common.CPU_EPOCHS} epochs a phase "
+           f"({common.CPU_CONTRASTIVE_EPOCHS} for contrastive pre-training), occluders "
            "and flips as the only augmentation), not the papers' recipe.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:
@@ -170,26 +171,22 @@ def _plots(suite: str, meta: dict, table: dict, out: pathlib.Path) -> list[str]:
 
 def _attention_plot(suite, teacher_meta, plt, out: pathlib.Path) -> bool:
   """The AFNet teacher's region-attention maps on occluded test faces."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from fer_jax import train  # pylint: disable=g-import-not-at-top
-  from fer_jax.data import augment, occlusion  # pylint: disable=g-import-not-at-top
-  best = pathlib.Path(teacher_meta["workdirs"][0]) / "teacher" / "best"
-  if not best.is_dir():
+  from fer_jax import model_dir, train  # pylint: disable=g-import-not-at-top
+  from fer_jax.data import occlusion  # pylint: disable=g-import-not-at-top
+  saved = pathlib.Path(teacher_meta["workdirs"][0]) / "teacher" / "model"
+  if not saved.is_dir():
     return False
+  teacher = model_dir.load(saved)
   config = rows_lib.row_config(suite, teacher_meta["arg"])
   _, arrays = train.load_data(config.data)
   test = arrays[config.data.test_split]
-  model = train.build_model(config.teacher, int(test["label"].max()) + 1)
   images = test["image"][:4]
   indices = test["index"][:4]
-  like = model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
-                    np.zeros((1, *images.shape[1:]), np.float32))
-  variables = train.load_checkpoint_variables(str(best), dict(like))
   fig, axes = plt.subplots(len(OCCLUDERS), 1 + 2 * len(images), figsize=(13, 7))
   for r, kind in enumerate(OCCLUDERS):
     occluded = np.asarray(occlusion.occlude_fixed(images, indices, kind, seed=0))
-    _, aux = model.apply(variables, augment.preprocess_eval(occluded, config.augment),
-                         train=False)
+    _, aux = teacher.module().apply(teacher.variables, teacher.preprocess(occluded),
+                                    train=False)
     maps = np.asarray(aux["att_map"]).mean(-1)
     weights = np.asarray(aux["region_weights"])
     axes[r, 0].set_ylabel(kind)

@@ -6,8 +6,8 @@ teacher, the student's forward and backward pass and every loss term, and
 applies the optimizer update. The train state is a plain dict pytree:
 
   ``step`` (int32), ``rng`` (a raw uint32 key), ``params`` (``{'model',
-  'objective'}``), ``batch_stats``, ``opt_state``, and for contrastive phases
-  ``ema`` (the momentum encoder) and ``queue``/``queue_ptr``.
+  'objective'}``), ``batch_stats``, ``opt_state``, plus whatever the phase's
+  step plug-in keeps (``fer_jax.plugins``; MoCo's momentum encoder and queue).
 
 A step whose loss or gradients are not finite leaves the state unchanged and
 reports ``finite = 0``; the trainer stops with a diagnosis.
@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fer_jax import losses
-from fer_jax.data import augment as augment_lib
+from fer_jax import plugins
 from fer_jax.data import occlusion
 from fer_jax.objectives import ModelOutput, Objective
 
@@ -41,8 +40,7 @@ class StepSpec:
   student_input: tuple[int, int, int] | None = None
   teacher_input: tuple[int, int, int] | None = None
   device_resident: bool = True
-  contrastive: bool = False
-  ema_momentum: float = 0.999
+  plugin: Any = plugins.SingleView()
 
 
 def replicated(mesh):
@@ -102,57 +100,37 @@ def make_train_step(spec: StepSpec, instrument: Callable = lambda f: f) -> Calla
   global batch. ``weights`` maps term names to float32 scalars.
   ``instrument`` wraps the Python step before jit (tests count traces with it).
   """
-  mesh = spec.mesh
+  mesh, plugin = spec.mesh, spec.plugin
+
+  def loss_fn(params, state, inputs, images, rng, weights):
+    (logits, aux), new_model_state = spec.model.apply(
+        {"params": params["model"], "batch_stats": state["batch_stats"]}, images,
+        train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+    inputs = dict(inputs, student=ModelOutput(logits, dict(aux)))
+    term_losses = spec.objective.apply({"params": params["objective"]}, inputs, True)
+    total = sum(weights[name] * value for name, value in term_losses.items())
+    return total, (term_losses, new_model_state["batch_stats"], logits)
 
   def step_fn(state, weights, teacher_vars, data):
-    rng = state["rng"]
-    key = jax.random.fold_in(rng, state["step"])
-    k_aug, k_aug2, k_dropout = jax.random.split(key, 3)
-    batch = sample_batch(data, state["step"], rng, spec.batch_size) if spec.device_resident else data
+    key = jax.random.fold_in(state["rng"], state["step"])
+    k_aug, k_plugin, k_dropout = jax.random.split(key, 3)
+    batch = (sample_batch(data, state["step"], state["rng"], spec.batch_size)
+             if spec.device_resident else data)
     batch = jax.lax.with_sharding_constraint(batch, batch_sharded(mesh))
-    images = augment_lib.augment(k_aug, batch["image"], spec.augment_config)
-    if spec.contrastive:
-      images = jnp.concatenate([images, augment_lib.augment(k_aug2, batch["image"],
-                                                              spec.augment_config)])
-      batch = jax.tree.map(lambda x: jnp.concatenate([x, x]), batch)
+    images, batch = plugin.views(k_aug, batch, spec.augment_config)
     images = jax.lax.with_sharding_constraint(images, batch_sharded(mesh))
-    teacher = _teacher_forward(spec, teacher_vars, images) if spec.teacher else None
-
-    if spec.contrastive:
-      ema = state["ema"]
-      swapped = jnp.roll(adapt_input(images, spec.student_input), images.shape[0] // 2, axis=0)
-      (_, key_aux), _ = spec.model.apply(ema, swapped, train=True, mutable=["batch_stats"],
-                                         rngs={"dropout": k_dropout})
-      keys = jax.lax.stop_gradient(key_aux["projection"])
-      batch = dict(batch, moco_key=keys, moco_queue=state["queue"])
-
     student_images = adapt_input(images, spec.student_input)
-
-    def loss_fn(params):
-      (logits, aux), new_model_state = spec.model.apply(
-          {"params": params["model"], "batch_stats": state["batch_stats"]}, student_images,
-          train=True,
-          rngs={"dropout": k_dropout}, mutable=["batch_stats"])
-      student = ModelOutput(logits, dict(aux))
-      term_losses = spec.objective.apply({"params": params["objective"]}, student, teacher,
-                                         batch, True)
-      total = sum(weights[name] * value for name, value in term_losses.items())
-      return total, (term_losses, new_model_state["batch_stats"], logits)
-
+    inputs = {"batch": batch,
+              **plugin.inputs(state, spec.model, student_images, k_plugin)}
+    if spec.teacher is not None:
+      inputs["teacher"] = _teacher_forward(spec, teacher_vars, images)
     (total, (term_losses, batch_stats, logits)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state["params"])
+        loss_fn, has_aux=True)(state["params"], state, inputs, student_images, k_dropout,
+                               weights)
     updates, opt_state = spec.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new_state = dict(state, params=params, opt_state=opt_state, batch_stats=batch_stats)
-    if spec.contrastive:
-      m = spec.ema_momentum
-      new_state["ema"] = {
-          "params": jax.tree.map(lambda e, p: m * e + (1 - m) * p, state["ema"]["params"],
-                                 params["model"]),
-          "batch_stats": batch_stats}
-      half = keys.shape[0] // 2
-      new_state["queue"], new_state["queue_ptr"] = losses.update_queue(
-          state["queue"], keys[:half], state["queue_ptr"])
+    new_state = dict(state, params=optax.apply_updates(state["params"], updates),
+                     opt_state=opt_state, batch_stats=batch_stats)
+    new_state.update(plugin.update(state, new_state, inputs))
     # The global norm is finite iff every gradient is. A cond (not a per-leaf
     # where) keeps the guard to one op: per-leaf selects tripled XLA:CPU's
     # compile time of the step.
@@ -160,12 +138,9 @@ def make_train_step(spec: StepSpec, instrument: Callable = lambda f: f) -> Calla
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     new_state = jax.lax.cond(finite, lambda: new_state, lambda: dict(state))
     new_state["step"] = state["step"] + 1
-
-    metrics = {"loss": total, "grad_norm": grad_norm,
-               "finite": finite.astype(jnp.float32),
-               **{f"loss/{name}": value for name, value in term_losses.items()}}
-    if not spec.contrastive:
-      metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    metrics = {"loss": total, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
+               **{f"loss/{name}": value for name, value in term_losses.items()},
+               **plugin.metrics(logits, batch)}
     return new_state, metrics
 
   repl, data_sharding = replicated(mesh), (
@@ -174,15 +149,15 @@ def make_train_step(spec: StepSpec, instrument: Callable = lambda f: f) -> Calla
                  out_shardings=(repl, repl), donate_argnums=(0,))
 
 
-def make_predict(model: nn.Module, augment_config, mesh, input_shape=None) -> Callable:
-  """Returns jitted ``predict(variables, images_uint8) -> (logits, va)``."""
+def make_predict(forward: Callable, mesh) -> Callable:
+  """Jits ``forward(variables, images_uint8) -> (logits, va)`` with the batch sharded.
+
+  ``forward`` is ``TrainedModel.forward`` (fer_jax.model_dir): evaluation uses
+  the preprocessing a saved model carries.
+  """
 
   def predict(variables, images):
-    images = jax.lax.with_sharding_constraint(images, batch_sharded(mesh))
-    images = adapt_input(augment_lib.preprocess_eval(images, augment_config), input_shape)
-    logits, aux = model.apply(variables, images, train=False)
-    va = aux.get("va", jnp.zeros((logits.shape[0], 0), logits.dtype))
-    return logits, va
+    return forward(variables, jax.lax.with_sharding_constraint(images, batch_sharded(mesh)))
 
   return jax.jit(predict, in_shardings=(replicated(mesh), batch_sharded(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)))

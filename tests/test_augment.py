@@ -1,5 +1,6 @@
 """Tests for fer_jax.data.augment against numpy references of each transform."""
 import functools
+import re
 
 import chex
 import jax
@@ -32,13 +33,72 @@ def _pixels(out, mean=0.5, std=0.5):
   return (np.asarray(out, np.float64) * std + mean) * 255.0
 
 
+# The fields the module docstring of fer_jax/data/augment.py documents, read
+# off its text (steps 1-4 and the paragraph on open choices).
+DOCUMENTED_FIELDS = {
+    "occlusion_prob", "occlusion_kind",                     # step 1
+    "crop_scale", "crop_ratio", "flip", "rotation_deg",     # step 2
+    "erase_prob", "erase_area", "erase_ratio",              # step 3
+    "mean", "std",                                          # step 4
+    "pad_mode",                                             # open choices
+}
+
+
 def test_default_config_has_the_documented_fields():
   cfg = aug.default_augment_config()
-  assert cfg.crop_scale == (0.8, 1.0) and cfg.crop_ratio == (0.9, 1.1)
-  assert cfg.flip is True and cfg.rotation_deg == 10.0
-  assert cfg.erase_prob == 0.25 and cfg.erase_area == (0.02, 0.2)
-  assert cfg.occlusion_prob == 0.0 and cfg.mean == (0.5,) and cfg.std == (0.5,)
-  assert cfg.occlusion_kind == "random" and cfg.pad_mode == "edge"
+  assert set(cfg.keys()) == DOCUMENTED_FIELDS
+  # Every ``name`` in the docstring that is not the function itself is a
+  # field: a field added or renamed without documenting it fails here.
+  quoted = set(re.findall(r"``([a-z_]+)``", aug.__doc__))
+  assert quoted - {"augment"} == DOCUMENTED_FIELDS
+  # The FER2013-recipe defaults the docstring states.
+  assert cfg.crop_scale == (0.8, 1.0) and cfg.flip is True
+  assert cfg.rotation_deg == 10.0 and cfg.erase_ratio == (0.3, 3.3)
+  assert cfg.pad_mode == "edge" and cfg.occlusion_kind == "random"
+  assert aug._resolve(None).to_dict() == cfg.to_dict()  # pylint: disable=protected-access
+
+
+def test_unknown_field_raises():
+  with pytest.raises(KeyError, match=r"unknown field\(s\) \['rotation'\]"):
+    aug._resolve(dict(rotation=5.0))  # pylint: disable=protected-access
+  with pytest.raises(KeyError, match="crop_scales"):
+    aug.augment(jax.random.key(0), _images(), dict(crop_scales=(0.5, 1.0)))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    # Ranges must satisfy 0 < lo <= hi.
+    ("crop_scale", (0.9, 0.5), "crop_scale must be a range"),
+    ("crop_scale", (0.0, 1.0), "crop_scale must be a range"),
+    ("crop_ratio", (1.2, 0.8), "crop_ratio must be a range"),
+    ("crop_ratio", (-1.0, 1.0), "crop_ratio must be a range"),
+    ("erase_area", (0.3, 0.1), "erase_area must be a range"),
+    ("erase_area", (0.0, 0.1), "erase_area must be a range"),
+    ("erase_ratio", (3.3, 0.3), "erase_ratio must be a range"),
+    ("erase_ratio", (0.0, 3.3), "erase_ratio must be a range"),
+    # An erased area is a fraction of the image.
+    ("erase_area", (0.5, 1.5), "erase_area is a fraction"),
+    ("std", (0.5, 0.0, 0.5), "std must be positive"),
+    ("std", (-1.0,), "std must be positive"),
+    # Probabilities lie in [0, 1].
+    ("erase_prob", -0.1, "erase_prob must be in"),
+    ("erase_prob", 1.5, "erase_prob must be in"),
+    ("occlusion_prob", -0.5, "occlusion_prob must be in"),
+    ("occlusion_prob", 1.01, "occlusion_prob must be in"),
+    ("occlusion_kind", "scarf", "occlusion_kind must be one of"),
+    ("pad_mode", "reflect", "pad_mode must be"),
+])
+def test_each_range_check_raises(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    aug._resolve({field: value})  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("field, value", [
+    ("crop_scale", (1.0, 1.0)), ("erase_area", (0.5, 1.0)),
+    ("erase_prob", 0.0), ("erase_prob", 1.0), ("occlusion_prob", 1.0),
+    ("pad_mode", "zeros"), ("occlusion_kind", "hand"),
+])
+def test_boundary_values_are_accepted(field, value):
+  assert aug._resolve({field: value})[field] == value  # pylint: disable=protected-access
 
 
 def test_default_augment_shape_dtype_range():

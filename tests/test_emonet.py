@@ -17,7 +17,6 @@ import pytest
 
 from fer_jax.convert import emonet_torch
 from fer_jax.models import emonet
-from fer_jax.models.base import MODELS
 from fer_jax.tools.count import count
 
 # Counted analytically from the official code (docs/methods.md section 2.1).
@@ -66,11 +65,9 @@ def abstract_8_class():
   return model, _abstract_variables(model, 256)
 
 
-def test_registered():
-  assert MODELS.get("emonet") is emonet.EmoNet
-
-
 def test_counts_match_the_official_analytic_counts(abstract_8_class):
+  # count() builds the model registered as "emonet" (models.build), so this
+  # also checks that the registry entry is the full-size official layout.
   result = count("emonet", (256, 256, 3), num_classes=8, num_va=2)
   assert result["params"] == pytest.approx(OFFICIAL_PARAMS, rel=0.01)
   assert result["macs"] == pytest.approx(OFFICIAL_MACS_256, rel=0.03)
@@ -281,8 +278,8 @@ def test_load_emonet_reads_a_pth(torch_reference, tmp_path):
 
 @pytest.mark.torch
 @pytest.mark.slow
-def test_cli_writes_a_teacher_checkpoint(torch_reference, tmp_path):
-  from fer_jax import train  # pylint: disable=g-import-not-at-top
+def test_cli_writes_a_teacher_model_directory(torch_reference, tmp_path):
+  from fer_jax import model_dir  # pylint: disable=g-import-not-at-top
   torch, _ = torch_reference
   state = _reference_state(torch_reference, 4).state_dict()
   torch.save(state, tmp_path / "emonet_8.pth")
@@ -292,5 +289,7 @@ def test_cli_writes_a_teacher_checkpoint(torch_reference, tmp_path):
        f"--pth={tmp_path / 'emonet_8.pth'}", f"--out={out}"],
       check=True, cwd=REPO_ROOT)
   expected = emonet_torch.convert_state_dict(state, 8)
-  restored = train.load_checkpoint_variables(str(out), expected)
-  jax.tree.map(np.testing.assert_array_equal, restored, expected)
+  restored = model_dir.load(out)
+  jax.tree.map(np.testing.assert_array_equal, restored.variables, expected)
+  assert (restored.model, restored.num_va, restored.input_shape) == ("emonet", 2, (256, 256, 3))
+  assert restored.class_names[:2] == ("neutral", "happy")

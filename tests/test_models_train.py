@@ -1,7 +1,7 @@
 """Every registered model trains through the core fused step (``fer_jax.steps``).
 
 For each name in ``fer_jax.models.MODELS`` a single-phase config (cross-entropy
-only, SGD without weight decay) is built at a small width, ``train.Phase``
+only, SGD without weight decay) is built at a small width, ``train.untrained_phases``
 initialises its state as the trainer does, and two jitted train steps run
 sharded over the 8 fake CPU devices. The warm-up schedule gives step 1 a zero
 learning rate, so step 2 is the first real update. Checked: both losses are
@@ -29,6 +29,7 @@ import pytest
 
 from fer_jax import config_utils as cu
 from fer_jax import models
+from fer_jax import phase as phase_lib
 from fer_jax import steps
 from fer_jax import train
 from fer_jax.data.augment import default_augment_config
@@ -112,23 +113,19 @@ def under(path: str, prefixes) -> bool:
   return any(path == prefix or path.startswith(prefix + "/") for prefix in prefixes)
 
 
-def train_two_steps(config, tmp_path):
+def train_two_steps(config):
   """(initial state, final state, per-step metrics) of two fused steps, as numpy."""
   mesh = train.make_mesh()
   dataset, arrays = train.load_data(config.data)
-  writer = train.MetricWriter(tmp_path / "metrics.jsonl")
-  phase = train.Phase(config, "single", dataset, arrays, mesh, tmp_path, writer, {})
-  state = phase.init_state()
-  initial = jax.device_get(state)  # the step donates its state
-  step_fn = steps.make_train_step(steps.StepSpec(
-      model=phase.model, objective=phase.objective, tx=phase.tx,
-      augment_config=config.augment, batch_size=phase.batch_size, mesh=mesh,
-      student_input=phase.input_shape))
-  data = jax.device_put(arrays[config.data.train_split], steps.replicated(mesh))
-  weights = jax.device_put(phase.weights, steps.replicated(mesh))
-  history = []
+  data = phase_lib.DataInfo.of(dataset.class_names, arrays[config.data.train_split])
+  phase = train.untrained_phases(config, data, mesh)["single"]
+  initial = jax.device_get(phase.state)  # the step donates its state
+  step_fn = steps.make_train_step(phase.spec)
+  train_data = jax.device_put(arrays[config.data.train_split], steps.replicated(mesh))
+  weights = jax.device_put(phase.program.weights, steps.replicated(mesh))
+  state, history = phase.state, []
   for _ in range(2):
-    state, metrics = step_fn(state, weights, {}, data)
+    state, metrics = step_fn(state, weights, {}, train_data)
     history.append(jax.device_get(metrics))
   return initial, jax.device_get(state), history
 
@@ -140,10 +137,10 @@ def test_every_registered_model_has_a_case():
 @pytest.mark.parametrize("case_name", [
     name if name in DEFAULT_RUN else pytest.param(name, marks=pytest.mark.slow)
     for name in CASES])
-def test_model_trains_two_steps(case_name, tmp_path):
+def test_model_trains_two_steps(case_name):
   case = CASES[case_name]
   config = single_phase_config(case)
-  initial, final, history = train_two_steps(config, tmp_path)
+  initial, final, history = train_two_steps(config)
 
   for step, metrics in enumerate(history, start=1):
     assert metrics["finite"] == 1.0 and np.isfinite(metrics["loss"]), (step, metrics)

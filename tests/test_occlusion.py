@@ -65,12 +65,39 @@ def test_fixed_protocol_depends_on_seed_kind_and_index():
       np.asarray(occlusion.occlude_fixed(images, indices, "random")), by_index)
 
 
+# The protocol's kind codes as published in docs/occlusion_protocol.md and the
+# occlusion module ("never renumber them, only append"). Written out here, not
+# read from the module, so renumbering its private table fails this test.
+PUBLISHED_KIND_CODES = {"eyes": 0, "mouth": 1, "blocks": 2, "hand": 3, "random": 4}
+
+
+def _documented_key(seed, kind, index):
+  """key_b = fold_in(fold_in(jax.random.key(seed), KIND_CODE[kind]), index_b)."""
+  return jax.random.fold_in(
+      jax.random.fold_in(jax.random.key(seed), PUBLISHED_KIND_CODES[kind]), index)
+
+
 def test_fixed_keys_follow_documented_derivation():
-  index, seed = 4242, 3
-  expected = jax.random.fold_in(
-      jax.random.fold_in(jax.random.key(seed), occlusion._KIND_CODES["mouth"]), index)
-  got = occlusion.fixed_keys(jnp.array([index]), "mouth", seed)[0]
-  np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(expected))
+  assert set(PUBLISHED_KIND_CODES) == set(occlusion.KINDS) | {"random"}
+  indices = [0, 1, 7, 4242, 123456, 2**31 - 1]
+  for seed in (0, 3):
+    for kind in PUBLISHED_KIND_CODES:
+      got = jax.random.key_data(occlusion.fixed_keys(jnp.array(indices), kind, seed))
+      want = np.stack([jax.random.key_data(_documented_key(seed, kind, i))
+                       for i in indices])
+      np.testing.assert_array_equal(got, want, err_msg=f"{kind}, seed {seed}")
+
+
+def test_occlude_fixed_paints_with_the_documented_keys():
+  # occlude_fixed must draw each image's occluder from the documented key, so
+  # painting with keys derived here gives the same pixels.
+  images, indices = _faces(8), [5, 17, 0, 123456, 9, 2, 31, 8]
+  keys = jnp.stack([_documented_key(0, "random", i) for i in indices])
+  want = occlusion._occlude_with_keys(  # pylint: disable=protected-access
+      keys, images, "random", None, occlusion.Geometry(), "occlude_fixed")
+  got = occlusion.occlude_fixed(images, jnp.array(indices), "random")
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert np.any(np.asarray(got) != np.asarray(images))
 
 
 # Changed-pixel counts of occlude_fixed(grey 48 px, indices 0..7, 'random',

@@ -12,7 +12,7 @@ On FER2013 (28,709 training images, 48x48x1) it measures images/s for:
     in ``ReadOptions``). The streamed step augments on the device, so these
     rows only deliver uint8 batches. ``streaming.batches`` takes no
     multiprocess worker count, so worker processes are not measured;
-  * the consumers, built as ``train.Phase.train`` builds them from
+  * the consumers, built as ``fer_jax.fit`` builds them from
     ``configs/mkd.py`` (``data=fer2013``): the MKD student step (AFNet teacher
     forward, MobileNetV2 forward and backward, CE + KD + MKD, SGD update), the
     same step with ``augment`` swapped for the evaluation normalisation (the gap
@@ -51,7 +51,6 @@ import pathlib
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from unittest import mock
 
@@ -67,6 +66,8 @@ import numpy as np
 
 from configs import mkd
 from experiments.hardware import cpu_model
+from fer_jax import phase as phase_lib
+from fer_jax import plugins
 from fer_jax import steps
 from fer_jax import train
 from fer_jax.data import augment as augment_lib
@@ -216,26 +217,25 @@ def _normalise_only(key, images, cfg=None):
   return augment_lib.preprocess_eval(images, cfg)
 
 
-def step_path(phase, state, arrays, augmented: bool) -> dict:
+def step_path(phase, arrays, augmented: bool) -> dict:
   """The phase's fused train step, compiled; without ``augmented``, augment only normalises."""
-  replicated = steps.replicated(phase.mesh)
-  teacher_vars = phase.teacher.variables if phase.teacher else {}
-  inputs = jax.device_put((phase.weights, teacher_vars, arrays), replicated)
-  state = [jax.tree.map(jnp.copy, state)]  # the step donates it; keep the original
+  replicated = steps.replicated(phase.spec.mesh)
+  inputs = jax.device_put((phase.program.weights, phase.teacher_variables, arrays), replicated)
+  state = [jax.tree.map(jnp.copy, phase.state)]  # the step donates it; keep the original
   swap = (contextlib.nullcontext() if augmented
-          else mock.patch.object(steps.augment_lib, "augment", _normalise_only))
+          else mock.patch.object(plugins.augment_lib, "augment", _normalise_only))
   start = time.perf_counter()
-  with swap:  # tracing reads steps.augment_lib.augment
-    step_fn = steps.make_train_step(phase.step_spec()).lower(state[0], *inputs).compile()
+  with swap:  # tracing reads plugins.augment_lib.augment
+    step_fn = steps.make_train_step(phase.spec).lower(state[0], *inputs).compile()
   setup_s = time.perf_counter() - start
 
   def next_batch():
     state[0], metrics = step_fn(state[0], *inputs)
     metrics["loss"].block_until_ready()
 
-  step = STEP_NAMES.get(phase.name, f"{phase.name} step")
+  step = STEP_NAMES.get(phase.program.name, f"{phase.program.name} step")
   return {"path": f"{step}, {'augment' if augmented else 'no augment'}",
-          "batch": phase.batch_size, "next_batch": next_batch, "setup_s": setup_s,
+          "batch": phase.program.cfg.batch_size, "next_batch": next_batch, "setup_s": setup_s,
           "step": step, "augmented": augmented}
 
 
@@ -313,14 +313,14 @@ def main(argv=None):
   rows = [device_resident_row(train_arrays, config, mesh, args)]
   split = dataset.split(config.data.train_split)
   rows += [streaming_row(split, mesh, n, args) for n in args.read_threads]
-  with tempfile.TemporaryDirectory() as workdir:
-    phases = train.untrained_phases(config, dataset, arrays, mesh, pathlib.Path(workdir))
-    teacher, student = phases["teacher"], phases["student"]
-    # The student step is the main consumer: only its augmentation share is
-    # measured, its two variants interleaved so load drift cannot fake a share.
-    rows += time_paths([step_path(*student, train_arrays, True),
-                        step_path(*student, train_arrays, False)], args)
-    rows += time_paths([step_path(*teacher, train_arrays, True)], args)
+  data = phase_lib.DataInfo.of(dataset.class_names, train_arrays)
+  phases = train.untrained_phases(config, data, mesh)
+  teacher, student = phases["teacher"], phases["student"]
+  # The student step is the main consumer: only its augmentation share is
+  # measured, its two variants interleaved so load drift cannot fake a share.
+  rows += time_paths([step_path(student, train_arrays, True),
+                      step_path(student, train_arrays, False)], args)
+  rows += time_paths([step_path(teacher, train_arrays, True)], args)
 
   context = dict(
       backend=jax.default_backend(),

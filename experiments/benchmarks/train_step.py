@@ -1,7 +1,7 @@
 r"""Compile time and step time of every phase's fused train step, for any config.
 
 For each phase of the config it builds the trainer's own step
-(``train.Phase.step_spec``), lowers and compiles it, then times ``--steps``
+(``train.untrained_phases``), lowers and compiles it, then times ``--steps``
 steps after one warm-up step. A phase's teacher is its config's teacher with
 freshly initialised weights: speed does not depend on them.
 
@@ -25,7 +25,6 @@ import os
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -37,6 +36,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from experiments import hardware  # noqa: E402
 from fer_jax import objectives, steps, train  # noqa: E402
+from fer_jax import phase as phase_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _PHASE = flags.DEFINE_string("phase", "", "One phase (default: every phase).")
@@ -47,16 +47,18 @@ _OUT = flags.DEFINE_string("out", "", "Append the markdown table to this file.")
 flags.mark_flags_as_required(["config"])
 
 
-def time_phase(config, name: str, workdir: pathlib.Path, num_steps: int) -> dict:
+def time_phase(config, name: str, num_steps: int) -> dict:
   """Compile seconds and median step seconds of phase ``name``."""
   dataset, arrays = train.load_data(config.data)
   mesh = train.make_mesh()
-  phase, state = train.untrained_phases(config, dataset, arrays, mesh, workdir, until=name)[name]
-  inputs = (jax.device_put(phase.weights, steps.replicated(mesh)),
-            phase.teacher.variables if phase.teacher else {},
+  data = phase_lib.DataInfo.of(dataset.class_names, arrays[config.data.train_split])
+  phase = train.untrained_phases(config, data, mesh, until=name)[name]
+  state = phase.state
+  inputs = (jax.device_put(phase.program.weights, steps.replicated(mesh)),
+            jax.device_put(phase.teacher_variables, steps.replicated(mesh)),
             jax.device_put(arrays[config.data.train_split], steps.replicated(mesh)))
   start = time.perf_counter()
-  step_fn = steps.make_train_step(phase.step_spec()).lower(state, *inputs).compile()
+  step_fn = steps.make_train_step(phase.spec).lower(state, *inputs).compile()
   compile_s = time.perf_counter() - start
   state, metrics = step_fn(state, *inputs)
   jax.block_until_ready(metrics)
@@ -67,7 +69,7 @@ def time_phase(config, name: str, workdir: pathlib.Path, num_steps: int) -> dict
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   return {"compile_s": compile_s, "step_s": statistics.median(times),
-          "spread_s": (max(times) - min(times)) / 2, "batch": phase.batch_size}
+          "spread_s": (max(times) - min(times)) / 2, "batch": phase.program.cfg.batch_size}
 
 
 def with_terms(config, phase: str, keep: list[str]):
@@ -78,7 +80,7 @@ def with_terms(config, phase: str, keep: list[str]):
     raise ValueError(f"--variants names terms {sorted(unknown)} that {phase} does not have; "
                      f"it has {sorted(config[phase].terms)}")
   config[phase].terms = {k: v for k, v in config[phase].terms.items() if k in keep}
-  if not any(objectives.reads_teacher(t.get("kind", k)) for k, t in config[phase].terms.items()):
+  if not objectives.reads_teacher(objectives.term_specs(config[phase].terms)):
     config[phase].teacher = ""
   return config
 
@@ -94,13 +96,12 @@ def main(argv):
     variants = [(_PHASE.value, v.split(",")) for v in _VARIANTS.value.split(";")]
 
   rows = []
-  with tempfile.TemporaryDirectory() as tmp:
-    for name, keep in variants:
-      cfg = with_terms(config, name, keep) if keep else config
-      result = time_phase(cfg, name, pathlib.Path(tmp), _STEPS.value)
-      label = name if keep is None else f"{name} [{'+'.join(keep)}]"
-      rows.append((label, cfg[name].model, result))
-      print(f"{label}: {result}", flush=True)
+  for name, keep in variants:
+    cfg = with_terms(config, name, keep) if keep else config
+    result = time_phase(cfg, name, _STEPS.value)
+    label = name if keep is None else f"{name} [{'+'.join(keep)}]"
+    rows.append((label, cfg[name].model, result))
+    print(f"{label}: {result}", flush=True)
 
   lines = [
       f"### `{config.get('name', 'config')}` {datetime.date.today()}",

@@ -22,7 +22,8 @@ A leading ``module.`` (from ``nn.DataParallel``) is stripped, as the official
 demo does. Conversion is strict: a key with no counterpart, a shape mismatch or
 a Flax leaf left unfilled raises and names them.
 
-Command line (saves the variables with Orbax for use as a teacher checkpoint):
+Command line (writes a model directory, ``fer_jax.model_dir``, for use as a
+teacher: ``--config.teacher.checkpoint=DIR``):
 
   python -m fer_jax.convert.emonet_torch --pth=emonet_8.pth --out=DIR
 
@@ -41,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fer_jax.checkpoint import Checkpoints
+from fer_jax import model_dir
+from fer_jax.data import classes
 from fer_jax.models import emonet
 
 _N_REG = 2  # the official head always ends in valence and arousal
@@ -203,16 +205,25 @@ def _flax_path(key: str, ndim: int) -> tuple[str, ...] | None:
   return (collection, *renamed, flax_leaf)
 
 
+def trained_model(variables, n_expression: int) -> model_dir.TrainedModel:
+  """EmoNet as a model directory: 256x256 RGB in [0, 1], AffectNet's class order.
+
+  The 5-class checkpoint keeps the first five AffectNet classes, as EmoNet's
+  demo labels them.
+  """
+  return model_dir.TrainedModel(
+      model="emonet", model_kwargs={"num_va": _N_REG},
+      class_names=classes.AFFECTNET8[:n_expression], variables=variables,
+      image_shape=(256, 256, 3), input_shape=(256, 256, 3), mean=(0.0, 0.0, 0.0),
+      std=(1.0, 1.0, 1.0), num_va=_N_REG)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   variables = load_emonet(flags.FLAGS.pth, flags.FLAGS.n_expression)
   n_expression = variables["params"]["emo_fc_out"]["bias"].shape[0] - _N_REG
-  out = os.path.abspath(flags.FLAGS.out)
-  # The layout of a phase's best/ directory, so a config names it as a teacher checkpoint.
-  checkpoints = Checkpoints(out)
-  checkpoints.save(0, variables, {"source": os.path.basename(flags.FLAGS.pth)})
-  checkpoints.close()
+  out = trained_model(variables, n_expression).save(os.path.abspath(flags.FLAGS.out))
   print(f"saved EmoNet(num_classes={n_expression}, num_va={_N_REG}) "
         f"variables from {flags.FLAGS.pth} to {out}")
 
@@ -222,7 +233,7 @@ if __name__ == "__main__":
   # cannot clash with another tool's flags.
   flags.DEFINE_string("pth", None, "Official EmoNet .pth state dict.",
                       required=True)
-  flags.DEFINE_string("out", None, "Orbax checkpoint directory to create.",
+  flags.DEFINE_string("out", None, "Model directory to create.",
                       required=True)
   flags.DEFINE_integer("n_expression", None,
                        "Expression classes; read off the checkpoint if unset.")

@@ -16,8 +16,9 @@ Training (``augment``), per image, each draw from its own key:
      uniform random values;
   4. normalisation ``(x / 255 - mean) / std`` with per-channel ``mean``/``std``.
 
-The FER2013 recipes in the project's methods notes (crop 0.8-1.2, flip, +-10 degrees,
-random erasing) fix the defaults. Choices the papers leave open are fields:
+The defaults follow the FER2013 recipes of docs/methods.md §3 (flip, +-10
+degrees, random erasing) with a crop area of 0.8-1.0; the recipes' 0.8-1.2 is
+``crop_scale=(0.8, 1.2)``. Choices the papers leave open are fields:
 ``pad_mode`` ('edge' replicates border pixels where rotation or a crop leaves
 the image, so the empty corners do not look like occluders; 'zeros' is
 torchvision's fill) and ``erase_ratio`` (Zhong et al.'s r1 = 0.3).

@@ -68,6 +68,27 @@ def _segment_distance(u, v, x0, y0, x1, y1):
   return np.hypot(u - (x0 + t * dx), v - (y0 + t * dy))
 
 
+def _eyes_and_brows(params, fx, v, px, col):
+  """(ink, white): dark strokes of irises, lids and brows, and the sclera."""
+  eye_dx, eye_y = col(params["eye_spacing"]), col(-5.0 + params["eye_height"])
+  eye_open = col(1.0 + params["eye_open"])
+  brow_raise, brow_tilt = col(params["brow_raise"]), col(params["brow_tilt"])
+  ink = np.zeros_like(v)   # dark strokes: brows, lids, lips, wrinkles
+  white = np.zeros_like(v)  # sclera
+  for side in (-1.0, 1.0):
+    ex = side * eye_dx
+    sclera = _ellipse_distance(fx, v, ex, eye_y, 3.2, 1.9 * eye_open)
+    white = np.maximum(white, _soft(sclera / px))
+    iris = _ellipse_distance(fx, v, ex, eye_y, 1.3, np.minimum(1.3, 1.9 * eye_open))
+    ink = np.maximum(ink, _soft(iris / px))
+    ink = np.maximum(ink, 0.6 * _soft((np.abs(sclera) - 0.35) / px))
+    inner, outer = ex - side * 3.2, ex + side * 3.8
+    brow_y = eye_y - 4.2 - brow_raise
+    brow = _segment_distance(fx, v, inner, brow_y + brow_tilt, outer, brow_y - 0.3 * brow_tilt)
+    ink = np.maximum(ink, _soft((brow - 0.75) / px))
+  return ink, white
+
+
 def _render(params: dict[str, np.ndarray], rng: np.random.Generator):
   """Renders a batch of faces; every entry of ``params`` has shape [N]."""
   n = len(params["mouth_curve"])
@@ -88,22 +109,7 @@ def _render(params: dict[str, np.ndarray], rng: np.random.Generator):
   face = _soft(_ellipse_distance(u, v, 0.0, 0.0, face_rx, face_ry) / px)
   fx = u - col(params["yaw"])  # features slide sideways with yaw
 
-  eye_dx, eye_y = col(params["eye_spacing"]), col(-5.0 + params["eye_height"])
-  eye_open = col(1.0 + params["eye_open"])
-  brow_raise, brow_tilt = col(params["brow_raise"]), col(params["brow_tilt"])
-  ink = np.zeros_like(u)   # dark strokes: brows, lids, lips, wrinkles
-  white = np.zeros_like(u)  # sclera
-  for side in (-1.0, 1.0):
-    ex = side * eye_dx
-    sclera = _ellipse_distance(fx, v, ex, eye_y, 3.2, 1.9 * eye_open)
-    white = np.maximum(white, _soft(sclera / px))
-    iris = _ellipse_distance(fx, v, ex, eye_y, 1.3, np.minimum(1.3, 1.9 * eye_open))
-    ink = np.maximum(ink, _soft(iris / px))
-    ink = np.maximum(ink, 0.6 * _soft((np.abs(sclera) - 0.35) / px))
-    inner, outer = ex - side * 3.2, ex + side * 3.8
-    brow_y = eye_y - 4.2 - brow_raise
-    brow = _segment_distance(fx, v, inner, brow_y + brow_tilt, outer, brow_y - 0.3 * brow_tilt)
-    ink = np.maximum(ink, _soft((brow - 0.75) / px))
+  ink, white = _eyes_and_brows(params, fx, v, px, col)
 
   nose = _segment_distance(fx, v, 0.0, -1.5, 0.0, 4.0)
   ink = np.maximum(ink, 0.45 * _soft((nose - 0.45) / px))

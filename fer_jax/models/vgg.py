@@ -33,8 +33,12 @@ class VGGFer(nn.Module):
     num_classes: classifier width.
     num_va: width of the valence/arousal head (0 = none), on the embedding.
     width: channels of stage 1; stage i has ``width * 2**i``.
-    fc_width: width of the two hidden FC layers.
-    dropout_rate: dropout after each hidden FC layer.
+    fc_width: width of the two hidden FC layers; 0 replaces the flatten and
+      both hidden layers by global average pooling, the CPU tier's 48 px net
+      (widths 32-64-128-256: 1.17 M parameters, 117 MMACs), the same net the
+      2-core PyTorch anchor of the CPU recipes trains.
+    dropout_rate: dropout after each hidden FC layer (before the classifier
+      when ``fc_width`` is 0).
   """
   num_classes: int
   num_va: int = 0
@@ -51,6 +55,11 @@ class VGGFer(nn.Module):
                                   name=f"stage{i + 1}_conv{j + 1}")(x, train))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
       aux[f"stage{i + 1}"] = x
+    if not self.fc_width:
+      h = jnp.mean(x, axis=(1, 2))
+      aux["embedding"] = h
+      logits, extras = layers.Heads(self.num_classes, self.num_va, self.dropout_rate)(h, train)
+      return logits, {**aux, **extras}
     # Flatten channel-major like PyTorch so ported FC weights line up.
     h = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
     for k in range(2):

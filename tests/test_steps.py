@@ -1,0 +1,81 @@
+"""The fused train step: one program per phase, sharded equals single-device, donation."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fer_jax import config_utils as cu
+from fer_jax import train
+from helpers import TINY, run_steps, tiny_config, untrained
+
+
+def one_device_mesh():
+  return jax.make_mesh((1,), ("data",), devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def test_contrastive_state_shares_no_buffer_on_one_device():
+  # The step donates its state. On one device an EMA encoder that aliases the
+  # online parameters is one buffer donated twice, which XLA refuses at step 1.
+  config = tiny_config()
+  config.phases = ("teacher",)
+  del config["student"]
+  config.teacher = cu.phase_config(
+      "contrastive", dict(encoder="resnet18", encoder_kwargs=TINY), {"moco": dict(weight=1.0)},
+      epochs=1, steps=1, batch_size=16, optimizer=cu.optimizer_config("sgd"), plugin="moco",
+      plugin_kwargs=dict(queue_size=32, ema_momentum=0.99), evaluate=False)
+  mesh = one_device_mesh()
+  phase, arrays = untrained(config, mesh, "teacher")
+  leaves = [x for x in jax.tree.leaves(phase.state) if x.size]
+  pointers = [x.unsafe_buffer_pointer() for x in leaves]
+  assert len(set(pointers)) == len(pointers)
+  assert {"ema", "queue", "queue_ptr"} <= set(phase.state)
+  _, state, metrics, _ = run_steps(phase, arrays, mesh, 2)
+  assert int(state["queue_ptr"]) == 2 * 16 % 32 and np.isfinite(float(metrics["loss/moco"]))
+  assert "accuracy" not in metrics  # no labels are used in a contrastive phase
+
+
+def test_distillation_step_traces_once_and_weight_changes_do_not_recompile():
+  chex.clear_trace_counter()
+  mesh = train.make_mesh()
+  phase, arrays = untrained(tiny_config(), mesh)
+  weights = lambda i: dict(phase.program.weights, kd=jnp.float32(0.1 * (i + 1)))
+  step_fn, state, metrics, _ = run_steps(phase, arrays, mesh, 3,
+                                         instrument=lambda f: chex.assert_max_traces(f, n=1),
+                                         weights=weights)
+  assert step_fn._cache_size() == 1
+  assert int(state["step"]) == 3
+  assert set(metrics) >= {"loss", "loss/ce", "loss/kd", "loss/mkd", "loss/at", "accuracy"}
+  total = sum(float(weights(2)[k]) * float(metrics[f"loss/{k}"]) for k in phase.program.weights)
+  np.testing.assert_allclose(float(metrics["loss"]), total, rtol=1e-5)
+
+
+def test_step_is_one_program_without_host_round_trips_and_donates_its_state():
+  mesh = train.make_mesh()
+  phase, arrays = untrained(tiny_config(), mesh)
+  step_fn, state, _, (teacher_vars, data) = run_steps(phase, arrays, mesh, 1)
+  weights = jax.device_put(phase.program.weights, train.steps.replicated(mesh))
+  hlo = step_fn.lower(state, weights, teacher_vars, data).compile().as_text()
+  for host_op in ("outfeed", "infeed", "host_callback", "xla_python_cpu_callback", " send(",
+                  " recv("):
+    assert host_op not in hlo, host_op
+  old_leaves = jax.tree.leaves(state)
+  # Every input is on the device: any transfer inside the step would raise here.
+  with jax.transfer_guard("disallow"):
+    state, _ = step_fn(state, weights, teacher_vars, data)
+  assert int(jax.device_get(state["step"])) == 2
+  # The state was donated: its old buffers are gone, the teacher's and the data's are not.
+  assert all(leaf.is_deleted() for leaf in old_leaves)
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves((teacher_vars, data)))
+
+
+def test_sharded_step_equals_single_device_step():
+  assert jax.device_count() == 8
+  results = []
+  for mesh in (one_device_mesh(), train.make_mesh()):
+    phase, arrays = untrained(tiny_config(), mesh)
+    _, state, metrics, _ = run_steps(phase, arrays, mesh, 2)
+    results.append(jax.device_get((state["params"], metrics["loss"])))
+  (params_1, loss_1), (params_8, loss_8) = results
+  np.testing.assert_allclose(loss_1, loss_8, rtol=1e-4)
+  chex.assert_trees_all_close(params_1, params_8, rtol=1e-4, atol=1e-5)
