@@ -15,7 +15,7 @@ Embedded default, 2 CPU cores:
   embeddings gets the same 0.38, and one on raw pixels 0.60
   (tests/test_synthetic.py), so 8 epochs of MoCo on these faces learn mostly
   pose, lighting and identity, not expression.
-FER2013: --config=configs/asdc.py:data=fer2013 (``,cpu``: the 2-core budget of configs/common.py)
+FER2013: --config=configs/asdc.py:data=fer2013 (``,tier=quick``: the 2-core budget of configs/common.py)
 Smoke test: --config=configs/asdc.py:smoke
 """
 import ml_collections
@@ -28,7 +28,7 @@ from fer_jax.data.augment import default_augment_config
 def get_config(arg=None):
   arg = common.parse(arg)
   real = arg.data != "synthetic"
-  full_size = real and not arg.cpu  # ``cpu``: the embedded default's encoders on real data
+  full_size = common.tier(arg) == "full"  # ``quick`` and ``cpu``: the embedded default's models
   config = ml_collections.ConfigDict()
   config.name = "asdc"
   config.data = cu.data_config(arg.data, smoke=arg.smoke)

@@ -3,11 +3,16 @@
   smoke              a few steps per phase on a few dozen faces (tests, a first look)
   data=NAME          synthetic (default: the embedded faces), fer2013, ferplus, affectnet
   seed=N             the run's seed
-  cpu                on real data: the 2-core CPU budget of experiments/README.md
-                     (the embedded default's small models, at most ``CPU_EPOCHS``
+  tier=full|quick|cpu  on real data, the size of the models and recipe:
+                     ``full``: the papers' sizes, for an accelerator;
+                     ``quick``: the 2-core smoke budget of experiments/README.md (the
+                     embedded default's small strided models, at most ``QUICK_EPOCHS``
                      epochs a phase, contrastive pre-training at most
-                     ``CPU_CONTRASTIVE_EPOCHS``, and the synthetic occluders and
-                     flips as the only augmentation)
+                     ``QUICK_CONTRASTIVE_EPOCHS``, and the synthetic occluders and flips
+                     as the only augmentation);
+                     ``cpu``: models and recipes designed for 48 px faces on a CPU
+                     (configs that have one; see their docstrings).
+                     The embedded faces always take the embedded default's models.
   epochs=E, steps=N  every phase's length
   teacher_checkpoint=DIR  a trained teacher's model directory (``<workdir>/teacher/model``)
                      for the phases that distil the 'teacher' phase, instead of training it
@@ -17,32 +22,40 @@ import ml_collections
 
 from fer_jax import config_utils as cu
 
-COMMON = dict(smoke=False, data="synthetic", seed=0, cpu=False, epochs=0.0, steps=0,
+COMMON = dict(smoke=False, data="synthetic", seed=0, tier="full", epochs=0.0, steps=0,
               teacher_checkpoint="", name="")
-CPU_EPOCHS = 10
+TIERS = ("full", "quick", "cpu")
+QUICK_EPOCHS = 10
 # A MoCo step of ASDC's width-32 teacher encoder on two views costs 13 ms a
 # face on 2 cores (3.3 ms for the quick AFNet teacher): 10 epochs would take an hour.
-CPU_CONTRASTIVE_EPOCHS = 4
+QUICK_CONTRASTIVE_EPOCHS = 4
 # Random crops, rotation and random erasing cost the small CPU teacher 8.7 points
 # of PublicTest after one FER2013 epoch and 4.4 points after ten: it underfits.
-CPU_AUGMENT = dict(crop_scale=(1.0, 1.0), rotation_deg=0.0, erase_prob=0.0)
+QUICK_AUGMENT = dict(crop_scale=(1.0, 1.0), rotation_deg=0.0, erase_prob=0.0)
 
 
 def parse(arg: str | None, **own) -> ml_collections.ConfigDict:
   """The common arguments plus a config's ``own`` (name=default) arguments."""
-  return cu.parse_arg(arg, **COMMON, **own)
+  arg = cu.parse_arg(arg, **COMMON, **own)
+  cu.choose("tier", arg.tier, dict.fromkeys(TIERS))
+  return arg
+
+
+def tier(arg) -> str:
+  """The tier that applies: the embedded faces always take the small 'quick' models."""
+  return arg.tier if arg.data != "synthetic" else "quick"
 
 
 def finish(config: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
   """Applies the common arguments to a config built from the method's own."""
-  real = arg.data != "synthetic"
+  quick = arg.tier == "quick" and arg.data != "synthetic"
   config.seed = arg.seed
   if arg.name:
     config.name = arg.name
   for name in config.phases:
     phase = config[name]
-    if arg.cpu and real:
-      cap = CPU_CONTRASTIVE_EPOCHS if phase.plugin == "moco" else CPU_EPOCHS
+    if quick:
+      cap = QUICK_CONTRASTIVE_EPOCHS if phase.plugin == "moco" else QUICK_EPOCHS
       phase.epochs = min(phase.epochs, cap)
     if arg.epochs:
       phase.epochs = arg.epochs
@@ -50,8 +63,8 @@ def finish(config: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
       phase.steps = arg.steps
     if arg.smoke:
       cu.smoke_phase(phase)
-  if arg.cpu and real:
-    config.augment.update(CPU_AUGMENT)
+  if quick:
+    config.augment.update(QUICK_AUGMENT)
   if arg.teacher_checkpoint and distils_teacher(config):
     config.teacher.checkpoint = arg.teacher_checkpoint
   return config

@@ -39,7 +39,7 @@ def _student_terms():
 def get_config(arg=None):
   arg = common.parse(arg)
   real = arg.data != "synthetic"
-  full_size = real and not arg.cpu  # ``cpu``: the embedded default's students on real data
+  full_size = common.tier(arg) == "full"  # ``quick`` and ``cpu``: the embedded default's models
   config = ml_collections.ConfigDict()
   config.name = "teacher_bounded"
   config.data = cu.data_config(arg.data, smoke=arg.smoke)

@@ -5,7 +5,7 @@ nothing here edits a config. Teacher rows (``teacher`` and its ablations) run
 the AFNet phase only; student rows run the teacher and the student phases, or
 take a trained teacher with ``teacher_checkpoint=DIR`` (what
 experiments/run.py passes, so the teacher is trained once per suite and seed).
-``quick`` is the configs' ``cpu`` argument, the 2-core CPU budget
+``quick`` is the configs' ``tier=quick``, the 2-core CPU budget
 (configs/common.py).
 """
 import importlib
@@ -48,7 +48,7 @@ def config_arg(dataset: str, arg: str | None) -> tuple[str, str]:
                      epochs=0.0, steps=0)
   module, own = cu.choose("row", arg.row, ROWS)
   fields = [f"data={dataset}", f"seed={arg.seed}", f"name={dataset}/{arg.row}", own,
-            "cpu" if arg.quick else "", f"epochs={arg.epochs}" if arg.epochs else "",
+            "tier=quick" if arg.quick else "", f"epochs={arg.epochs}" if arg.epochs else "",
             f"steps={arg.steps}" if arg.steps else ""]
   if arg.teacher_checkpoint and reuses_teacher(arg.row):
     fields.append(f"teacher_checkpoint={arg.teacher_checkpoint}")

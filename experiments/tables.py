@@ -59,8 +59,8 @@ def write(suite: str, table: dict, meta: dict, out: pathlib.Path | None = None) 
            "training and every evaluation (mean over seeds).", "",
            TARGETS[suite], "",
            "Rows marked `quick` use the 2-core CPU budget of experiments/README.md (small "
-           f"strided-stem models, at most {common.CPU_EPOCHS} epochs a phase "
-           f"({common.CPU_CONTRASTIVE_EPOCHS} for contrastive pre-training), occluders "
+           f"strided-stem models, at most {common.QUICK_EPOCHS} epochs a phase "
+           f"({common.QUICK_CONTRASTIVE_EPOCHS} for contrastive pre-training), occluders "
            "and flips as the only augmentation), not the papers' recipe.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:

@@ -195,6 +195,7 @@ def phase_config(model: str, model_kwargs: dict, terms: dict, **fields
   phase = build(PhaseConfig, dict(model=model, model_kwargs=model_kwargs, terms=terms, **fields),
                 f"phase {model}")
   values = {f: getattr(phase, f) for f in _fields(PhaseConfig)}
+  values["epochs"] = float(phase.epochs)  # ConfigDict fixes a field's type at its first value
   values["optimizer"] = ml_collections.ConfigDict(dataclasses.asdict(phase.optimizer))
   return ml_collections.ConfigDict(values)
 

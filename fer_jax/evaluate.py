@@ -76,7 +76,7 @@ class Evaluator:
       if not marker or source not in self.arrays:
         raise KeyError(f"no split {name!r}; loaded: {', '.join(sorted(self.arrays))}")
       self.arrays[name] = occluded_split(self.arrays[source], kind,
-                                         self.data_cfg.get("occlusion_seed", 0), self.mesh,
+                                         self.data_cfg.occlusion_seed, self.mesh,
                                          self.batch_size)
     return self.arrays[name]
 
@@ -87,8 +87,8 @@ class Evaluator:
 
   def test_splits(self) -> list[str]:
     data = self.data_cfg
-    return [data.test_split, *data.get("extra_test_splits", ()),
-            *(f"{data.test_split}_occluded_{k}" for k in data.get("occlusion_kinds", ()))]
+    return [data.test_split, *data.extra_test_splits,
+            *(f"{data.test_split}_occluded_{k}" for k in data.occlusion_kinds)]
 
   def evaluate(self, variables) -> tuple[dict, dict]:
     """``({"<split>/<metric>": value}, {split: confusion})`` over the declared splits."""

@@ -51,20 +51,27 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f"{given[0] if given else '--config'}: no such config field {field!r}" +
          (f"; did you mean {hint.group(1)!r}?" if hint else ""))
   except (flags.Error, ConfigError, TypeError, ValueError) as e:
-    cause = _innermost_config_error(e)
-    fail(str(cause) if cause else f"command line: {str(e).splitlines()[0]}")
+    fail(_first_error(e))
   return []
 
 
-def _innermost_config_error(error: BaseException | None) -> ConfigError | None:
-  """The first ConfigError raised under ``error``: config_flags re-raises a config
-  file's errors as new ones of the same type with the traceback as their text."""
-  found = None
-  while error is not None:
-    if isinstance(error, ConfigError):
-      found = error
-    error = error.__cause__ or error.__context__
-  return found
+def _raised_under(error: BaseException) -> BaseException | None:
+  if error.__cause__ is not None:
+    return error.__cause__
+  return None if error.__suppress_context__ else error.__context__
+
+
+def _first_error(error: BaseException) -> str:
+  """The message of the error raised first under ``error``.
+
+  config_flags re-raises a config file's error as a new one of the same type
+  whose text is the traceback, and absl wraps that again; the first one says
+  what is wrong.
+  """
+  while _raised_under(error) is not None:
+    error = _raised_under(error)
+  message = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+  return message if isinstance(error, ConfigError) else f"--config: {message}"
 
 
 def default_workdir(config) -> str:
@@ -82,13 +89,22 @@ def main(argv):
     logging.info("single-host run (%s)", e)
   logging.info("process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  workdir = _WORKDIR.value or default_workdir(_CONFIG.value)
+  try:
+    config = _CONFIG.value
+    default = default_workdir(config)  # reads the config: fails here if it did not load
+    workdir = _WORKDIR.value or default
+  except OSError as e:  # config_flags defers a config file it could not read to here
+    del e
+    fail(f"--config: cannot load {config_flags.get_config_filename(flags.FLAGS['config'])}: "
+         "no such file, or it cannot be imported")
   if jax.process_index() == 0:
     print(f"fer_jax: writing to {workdir}", flush=True)
   try:
-    train.train_and_evaluate(_CONFIG.value, workdir)
+    train.train_and_evaluate(config, workdir)
   except (ConfigError, ModelDirError) as e:
     fail(str(e))
+  except FileNotFoundError as e:  # a dataset that is neither built nor downloaded
+    fail(f"{str(e).splitlines()[0]} (docs/datasets.md)")
 
 
 def run():

@@ -17,6 +17,7 @@ temporary sibling directory and renames it into place, so an interrupted save
 leaves either the previous directory or none, never a half-written one.
 """
 import dataclasses
+import importlib.resources
 import json
 import os
 import pathlib
@@ -125,9 +126,32 @@ def _tuple_tree(value):
   return value
 
 
-def load(directory: str | os.PathLike) -> TrainedModel:
-  """Reads a model directory; ModelDirError names what is wrong with it."""
-  path = pathlib.Path(directory).expanduser()
+def pretrained_dir() -> pathlib.Path:
+  """Where the shipped model directories live: ``fer_jax/pretrained/<name>/``."""
+  return pathlib.Path(str(importlib.resources.files("fer_jax") / "pretrained"))
+
+
+def pretrained_names() -> list[str]:
+  root = pretrained_dir()
+  return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def resolve(name_or_dir: str | os.PathLike) -> pathlib.Path:
+  """A shipped model's directory by name, else ``name_or_dir`` as a path."""
+  text = os.fspath(name_or_dir)
+  if text and "/" not in text and os.sep not in text and text not in (".", ".."):
+    if (pretrained_dir() / text).is_dir():
+      return pretrained_dir() / text
+  path = pathlib.Path(text).expanduser()
+  if path.is_dir():
+    return path
+  raise ModelDirError(f"{text}: neither a model directory nor a shipped model name "
+                      f"(shipped: {', '.join(pretrained_names()) or 'none'})")
+
+
+def load(name_or_dir: str | os.PathLike) -> TrainedModel:
+  """Reads a model directory (or a shipped model by name); ModelDirError says what is wrong."""
+  path = resolve(name_or_dir)
   spec_path, variables_path = path / _SPEC_FILE, path / _VARIABLES_FILE
   for needed in (spec_path, variables_path):
     if not needed.is_file():

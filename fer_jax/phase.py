@@ -159,6 +159,13 @@ def setup(config, name: str, cfg: PhaseConfig, data: DataInfo, mesh,
     plugin = plugin(**dict(cfg.plugin_kwargs))
   except TypeError as e:
     raise ConfigError(f"{where}.plugin_kwargs: {e}") from None
+  if cfg.freeze and not cfg.init_from:
+    # E.g. EmoNet's face-alignment network: frozen and random, it would leave the
+    # head to learn from noise features.
+    raise ConfigError(f"{where}.freeze={tuple(cfg.freeze)} keeps parameters that were never "
+                      f"trained; set {where}.init_from to an earlier phase or a model directory "
+                      f"(EmoNet: convert the official weights with fer_jax.convert.emonet_torch), "
+                      f"or {where}.checkpoint to a trained model")
   own = template(cfg, data, config.augment, model)
   _check_reads(name, specs, model, own.input_shape, teacher, plugin, data)
   _check_batch_size(where, cfg.batch_size, data.train_size)

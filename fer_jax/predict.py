@@ -11,7 +11,7 @@ Command line::
 
   python -m fer_jax.predict PATH... [--model=NAME_OR_DIR] [--out=FILE.jsonl|FILE.csv]
       [--boxes=FILE.csv] [--no-detect] [--every=N] [--detect_every=K]
-      [--timeline=PNG] [--min_face_size=PX] [--max_side=PX]
+      [--timeline=PNG] [--annotate=DIR] [--min_face_size=PX] [--max_side=PX]
 
 PATH is an image, a video (by extension: see ``VIDEO_EXTENSIONS``) or a folder
 (searched recursively, files in sorted order, other extensions skipped). The
@@ -85,7 +85,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from fer_jax import model_dir
 
@@ -193,32 +193,6 @@ def largest(faces: Sequence[Face]) -> Face | None:
 # ------------------------------------------------------------------ models
 
 
-def pretrained_dir() -> pathlib.Path:
-  """Where pretrained model directories ship: ``fer_jax/pretrained``."""
-  return pathlib.Path(str(importlib.resources.files("fer_jax") / "pretrained"))
-
-
-def pretrained_names() -> list[str]:
-  root = pretrained_dir()
-  return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-
-
-def resolve_model_dir(name_or_dir: str | os.PathLike) -> pathlib.Path:
-  """A pretrained model's directory by name, else ``name_or_dir`` as a path."""
-  text = os.fspath(name_or_dir)
-  if text and os.sep not in text and "/" not in text and text not in (".", ".."):
-    candidate = pretrained_dir() / text
-    if candidate.is_dir():
-      return candidate
-  path = pathlib.Path(text).expanduser()
-  if path.is_dir():
-    return path
-  names = ", ".join(pretrained_names()) or "none installed"
-  raise model_dir.ModelDirError(
-      f"{text}: neither a model directory nor a pretrained model name "
-      f"(pretrained: {names})")
-
-
 def load(name_or_dir: str | os.PathLike = DEFAULT_MODEL, *, min_face_size: float = 40.0,
          max_side: int | None = 1920, detector=None) -> "Predictor":
   """A ``Predictor`` for a pretrained model name or a model directory.
@@ -233,7 +207,7 @@ def load(name_or_dir: str | os.PathLike = DEFAULT_MODEL, *, min_face_size: float
   Raises:
     model_dir.ModelDirError: no such model, or a directory of another format.
   """
-  model = model_dir.load(resolve_model_dir(name_or_dir))
+  model = model_dir.load(name_or_dir)
   return Predictor(model, detector=detector, min_face_size=min_face_size, max_side=max_side)
 
 
@@ -759,6 +733,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--detect_every", "--detect-every", type=_positive, default=1,
                       help="video: detect on every Kth sampled frame, reuse boxes between")
   parser.add_argument("--timeline", help="video: PNG of probabilities over time")
+  parser.add_argument("--annotate", metavar="DIR",
+                      help="images: write DIR/<name>.png with boxes and labels drawn")
   parser.add_argument("--smooth_s", type=float, default=1.0,
                       help="timeline: moving-average window in seconds (default 1)")
   parser.add_argument("--min_face_size", type=float, default=40.0, help="detector, pixels")
@@ -814,8 +790,26 @@ def run_images(run: Run, paths: Sequence[pathlib.Path]) -> None:
     if not chunk:
       continue
     results = run.predictor.predict(images, boxes=boxes, detect=not run.args.no_detect)
-    for path, given, faces in zip(chunk, boxes, results):
+    for path, image, given, faces in zip(chunk, images, boxes, results):
       _write_image_faces(run, path, given, faces)
+      if run.args.annotate and faces:
+        out = pathlib.Path(run.args.annotate) / f"{path.stem}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        annotate(image, faces).save(out)
+
+
+def annotate(image: np.ndarray, faces: Sequence[Face]) -> Image.Image:
+  """The image with each face's box and top label (and its probability) drawn on it."""
+  canvas = Image.fromarray(to_rgb(image))
+  draw = ImageDraw.Draw(canvas)
+  for face in faces:
+    x0, y0, x1, y1 = face.box
+    draw.rectangle((x0, y0, x1, y1), outline=(255, 215, 0), width=3)
+    text = f"{face.label} {face.probabilities[face.label]:.0%}"
+    left, top, right, bottom = draw.textbbox((x0, y0), text)
+    draw.rectangle((x0, y0 - (bottom - top) - 6, x0 + right - left + 6, y0), fill=(255, 215, 0))
+    draw.text((x0 + 3, y0 - (bottom - top) - 4), text, fill=(0, 0, 0))
+  return canvas
 
 
 def _write_image_faces(run: Run, path, given, faces: Sequence[Face]) -> None:
@@ -911,7 +905,7 @@ def setup(args) -> tuple[Predictor, Writer, BoxTable | None]:
     raise UsageError(f"--smooth_s={args.smooth_s:g}: expected seconds > 0")
   boxes = BoxTable(read_boxes_csv(args.boxes)) if args.boxes else None
   try:
-    model = model_dir.load(resolve_model_dir(args.model))
+    model = model_dir.load(args.model)
   except model_dir.ModelDirError as e:
     raise UsageError(f"--model={args.model}: {e}") from None
   predictor = Predictor(model, min_face_size=args.min_face_size,

@@ -52,7 +52,7 @@ def load_data(data_cfg):
   """The dataset and, as numpy arrays, every split the config uses."""
   dataset = DATASETS.get(data_cfg.name)(data_cfg)
   wanted = {data_cfg.train_split, data_cfg.eval_split, data_cfg.test_split,
-            *data_cfg.get("extra_test_splits", ())}
+            *data_cfg.extra_test_splits}
   # Only numeric fields go to the accelerator (names and paths stay behind).
   arrays = {s: {k: v for k, v in as_arrays(dataset.split(s)).items() if v.dtype.kind in "biuf"}
             for s in wanted}

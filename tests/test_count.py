@@ -170,6 +170,7 @@ def test_params_exclude_batch_stats():
   assert result["params"] == trainable
 
 
+@pytest.mark.slow  # a timing check: its result depends on the machine's load
 def test_cpu_images_per_second_scales_with_the_work():
   # Ten times the width is about a hundred times the MACs of the convolutions:
   # the wide model must be measurably slower per image.

@@ -1,4 +1,8 @@
-"""experiments/run.py's bookkeeping: rows and seeds filled in over several runs."""
+"""experiments/run.py's bookkeeping: rows and seeds filled in over several runs.
+
+Three real runs of a row (about 2 minutes on 2 cores), so it is `slow`:
+`python -m pytest -m slow tests/test_experiments_run.py`.
+"""
 import json
 
 import numpy as np
@@ -7,6 +11,7 @@ import pytest
 from experiments import run
 
 
+@pytest.mark.slow
 def test_a_seed_added_later_keeps_the_first_seeds_wall_time_and_is_averaged(tmp_path):
   workroot, out = str(tmp_path / "work"), tmp_path / "out"
   options = ("quick", "steps=2")

@@ -77,8 +77,11 @@ def test_other_format_versions_and_missing_files_are_named(trained, tmp_path):
   with pytest.raises(model_dir.ModelDirError, match=r"other: model format version 99; "
                                                     r"this fer_jax reads version 1"):
     model_dir.load(other)
-  with pytest.raises(model_dir.ModelDirError, match="not a fer_jax model directory"):
+  with pytest.raises(model_dir.ModelDirError, match="nowhere: neither a model directory nor"):
     model_dir.load(tmp_path / "nowhere")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(model_dir.ModelDirError, match="not a fer_jax model directory"):
+    model_dir.load(tmp_path / "empty")
   (tmp_path / "corrupt").mkdir()
   (tmp_path / "corrupt" / "model.json").write_text(json.dumps(spec))
   (tmp_path / "corrupt" / "variables.msgpack").write_bytes(b"\x00\x01 not msgpack")

@@ -238,10 +238,10 @@ def test_predict_inputs_boxes_and_no_detect(model_path, model, photo):
 def test_load_by_name_and_bad_names(model_path, monkeypatch, tmp_path):
   (tmp_path / "pretrained").mkdir()
   model_dir.load(model_path).save(tmp_path / "pretrained" / "tiny-fer")
-  monkeypatch.setattr(predict, "pretrained_dir", lambda: tmp_path / "pretrained")
+  monkeypatch.setattr(model_dir, "pretrained_dir", lambda: tmp_path / "pretrained")
   assert fer_jax.load("tiny-fer").class_names == FER7
   with pytest.raises(model_dir.ModelDirError, match=r"no-such: neither a model directory nor "
-                                                    r"a pretrained model name \(pretrained: "
+                                                    r"a shipped model name \(shipped: "
                                                     r"tiny-fer\)"):
     fer_jax.load("no-such")
 
@@ -250,9 +250,9 @@ def test_load_by_name_and_bad_names(model_path, monkeypatch, tmp_path):
 
 
 def test_cli_finds_every_pasted_face_and_labels_are_the_models(mtcnn_env, model_path, model,
-                                                                photo):
+                                                                photo, tmp_path):
   path, image, boxes = photo
-  proc = run_cli(path, f"--model={model_path}", env=mtcnn_env)
+  proc = run_cli(path, f"--model={model_path}", f"--annotate={tmp_path}", env=mtcnn_env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines()]
   assert len(rows) == 3 and {r["file"] for r in rows} == {str(path)}
@@ -261,6 +261,13 @@ def test_cli_finds_every_pasted_face_and_labels_are_the_models(mtcnn_env, model_
   assert_rows_match_model(rows, image, model[1])
   labels = [r["label"] for r in rows]
   assert len(set(labels)) >= 2, f"{labels}: choose a MODEL_SEED whose labels differ"
+  drawn = np.asarray(Image.open(tmp_path / f"{pathlib.Path(path).stem}.png"))
+  assert drawn.shape == image.shape
+  for r in rows:  # the box outline is drawn; the face inside it is not painted over
+    x0, y0, x1, y1 = (int(round(v)) for v in r["box"])
+    np.testing.assert_array_equal(drawn[(y0 + y1) // 2, x0], (255, 215, 0))
+    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+    np.testing.assert_array_equal(drawn[cy, cx], image[cy, cx])
 
 
 def test_cli_video_rows_and_timeline(mtcnn_env, model_path, model, video, tmp_path):
@@ -357,7 +364,7 @@ def test_model_of_another_format_version_exits_2(model_path, photo, tmp_path, ca
   assert "model format version 99" in line and "reads version 1" in line
   assert predict.main([str(photo[0]), "--model=no-such-model"]) == 2
   (line,) = stderr_lines(capsys)
-  assert "--model=no-such-model: " in line and "pretrained" in line
+  assert "--model=no-such-model: " in line and "shipped model name" in line
 
 
 @pytest.mark.parametrize("row,where", [

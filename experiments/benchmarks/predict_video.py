@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     video = tmp / "face720p.mp4"
     codec = write_video(video, args.frames)
     model = args.model or (predict.DEFAULT_MODEL if predict.DEFAULT_MODEL in
-                           predict.pretrained_names() else str(student_model_dir(tmp)))
+                           model_dir.pretrained_names() else str(student_model_dir(tmp)))
     result = {"video": f"{SIZE[1]}x{SIZE[0]} {codec} {args.frames} frames, one "
                        f"{FACE_SIDE} px face",
               "model": model if args.model or not model.startswith(str(tmp))

@@ -1,0 +1,285 @@
+"""ONNX export (fer_jax/export.py): parity with JAX, every student family, int8.
+
+Needs the ``export`` extra (jax2onnx, onnx, onnxruntime); skipped without it.
+The default run exports one MobileNetV2-0.5 model directory (fp32 and int8) and
+the cheapest family (a thin VGG); the other families are ``slow``
+(``pytest -m slow tests/test_export.py``). docs/export.md has the table.
+"""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("jax2onnx", reason='the export extra is not installed: '
+                    'pip install -e ".[export]"')
+pytest.importorskip("onnxruntime", reason='the export extra is not installed: '
+                    'pip install -e ".[export]"')
+onnx = pytest.importorskip("onnx", reason='the export extra is not installed: '
+                           'pip install -e ".[export]"')
+
+from fer_jax import export  # noqa: E402
+from fer_jax import model_dir  # noqa: E402
+
+FER2013_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+IMAGE_SHAPE = (48, 48, 1)
+PARITY_ATOL = 1e-4
+STUDENT = "fer2013-student"
+
+# The zoo's students at 48x48x1 (the CPU-budget sizes of the configs), and the
+# AFNet teacher on a thin ResNet-18. Each gets a 2-output V/A head as well, so
+# the 'va' output is exported too.
+FAMILIES = {
+    "mobilenet_v2": dict(width=0.5, stem="imagenet"),
+    "mobilefacenet": {},
+    "mini_xception": {},
+    "efficientformer_l1": {},
+    "resnet18": dict(stem="small", width=8),
+    "vgg_fer": dict(fc_width=0, width=8),
+    "afnet": dict(backbone="resnet18", backbone_kwargs=(("stem", "small"), ("width", 8)),
+                  fpn_dim=8, embed_dim=8),
+}
+# The shipped student (vgg_fer) is the default run's parity model; the other families
+# (2-20 s each) run with `python -m pytest -m slow tests/test_export.py`.
+FAST_FAMILIES = ()
+
+
+def _perturbed(variables, key):
+  """BatchNorm statistics and every scale/bias moved off their init values, so
+  that BatchNorm is not the identity and biases are not zero."""
+  leaves, tree = jax.tree_util.tree_flatten_with_path(variables)
+  out = []
+  for (path, value), leaf_key in zip(leaves, jax.random.split(key, len(leaves))):
+    name, value = path[-1].key, np.asarray(value, np.float32)
+    noise = np.asarray(jax.random.normal(leaf_key, value.shape))
+    if name == "mean":
+      value = 0.1 * noise
+    elif name == "var":
+      value = np.asarray(jax.random.uniform(leaf_key, value.shape, minval=0.5, maxval=1.5))
+    elif name in ("scale", "bias"):
+      value = value + 0.1 * noise
+    out.append(value.astype(np.float32))
+  return jax.tree_util.tree_unflatten(tree, out)
+
+
+def _trained_model(name, model_kwargs, input_shape=IMAGE_SHAPE, **fields):
+  spec = model_dir.TrainedModel(model=name, model_kwargs=model_kwargs,
+                                class_names=FER2013_NAMES, variables=None,
+                                image_shape=IMAGE_SHAPE, input_shape=input_shape, **fields)
+  module = spec.module()
+  init = jax.jit(lambda key: module.init(key, jnp.zeros((1, *input_shape)), train=False))
+  return dataclasses.replace(spec, variables=_perturbed(init(jax.random.key(0)),
+                                                        jax.random.key(1)))
+
+
+def _faces(npz, usage, count):
+  return export.fer2013_faces(npz, usage=usage, count=count, seed=0)
+
+
+@pytest.fixture(scope="module")
+def npz(shared_data):
+  path = shared_data / "fer2013" / "fer2013.npz"
+  if not path.is_file():
+    pytest.skip(f"FER2013 npz not found at {path}")
+  return path
+
+
+@pytest.fixture(scope="module")
+def parity_model(tmp_path_factory):
+  """The shipped, trained FER2013 student (a copy of its model directory) and its fp32
+  ONNX export written by the command line."""
+  folder = tmp_path_factory.mktemp("export")
+  model_dir.load(STUDENT).save(folder / "model")
+  out = folder / "model.onnx"
+  assert export.main([f"--model={folder / 'model'}", "--format=onnx", f"--out={out}"]) == 0
+  return model_dir.load(folder / "model"), out
+
+
+@pytest.fixture(scope="module")
+def int8_model(parity_model, npz):
+  trained, fp32 = parity_model
+  out = fp32.with_name("model_int8.onnx")
+  directory = fp32.with_name("model")
+  assert export.main([f"--model={directory}", f"--out={out}", "--int8",
+                      f"--calibration={npz}", "--calibration_count=256"]) == 0
+  return trained, fp32, out
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+def test_missing_model_is_one_line_exit_2(capsys, tmp_path):
+  assert export.main(["--model=no-such-model", f"--out={tmp_path / 'x.onnx'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: ")
+  assert "no-such-model: neither a model directory nor a shipped model name" in err
+  assert not (tmp_path / "x.onnx").exists()
+
+
+def test_directory_that_is_not_a_model_is_one_line_exit_2(capsys, tmp_path):
+  assert export.main([f"--model={tmp_path}", f"--out={tmp_path / 'x.onnx'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "model.json" in err
+
+
+def test_missing_extra_names_the_pip_command(monkeypatch, capsys, tmp_path):
+  monkeypatch.setitem(__import__("sys").modules, "jax2onnx", None)  # import fails
+  assert export.main(["--model=anything", f"--out={tmp_path / 'x.onnx'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and 'pip install -e ".[export]"' in err and "jax2onnx" in err
+
+
+def test_unconvertible_op_is_named(parity_model, monkeypatch, capsys, tmp_path):
+  """A forward pass with a primitive jax2onnx has no converter for (min-pooling)."""
+  trained, _ = parity_model
+
+  def min_pool_model(_):
+    def infer(images):
+      x = images.astype(jnp.float32)
+      pooled = jax.lax.reduce_window(x, jnp.inf, jax.lax.min, (1, 2, 2, 1), (1, 2, 2, 1),
+                                     "VALID")
+      return (jax.nn.softmax(pooled.reshape(x.shape[0], -1)[:, :7]),)
+    return infer
+
+  monkeypatch.setattr(export, "inference_fn", min_pool_model)
+  with pytest.raises(export.ExportError, match=r"'vgg_fer' .*\(op reduce_window_min\)"):
+    export.to_onnx(trained)
+  directory = tmp_path / "model"
+  trained.save(directory)
+  assert export.main([f"--model={directory}", f"--out={tmp_path / 'x.onnx'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "reduce_window_min" in err
+
+
+# --- fp32 parity -------------------------------------------------------------------------
+
+
+def test_graph_interface(parity_model):
+  trained, path = parity_model
+  proto = onnx.load(path)
+  onnx.checker.check_model(proto)
+  (images,) = proto.graph.input
+  assert images.name == "images"
+  assert images.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+  dims = images.type.tensor_type.shape.dim
+  assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == list(IMAGE_SHAPE)
+  assert [o.name for o in proto.graph.output] == ["probabilities"]  # num_va = 0
+  meta = {p.key: p.value for p in proto.metadata_props}
+  assert json.loads(meta["class_names"]) == list(trained.class_names)
+  assert json.loads(meta["image_shape"]) == list(IMAGE_SHAPE)
+  ops = {node.op_type for node in proto.graph.node}
+  assert "Conv" in ops and "BatchNormalization" not in ops  # BN folded into the convs
+
+
+@pytest.fixture(scope="module")
+def public_faces(parity_model, npz):
+  """64 PublicTest faces and JAX's probabilities for them (one compile serves both
+  batch sizes: inference is per-sample, so row 0 is the batch-1 answer)."""
+  trained, _ = parity_model
+  images = _faces(npz, usage=1, count=64)
+  return images, np.asarray(jax.nn.softmax(trained.apply(jnp.asarray(images))[0], axis=-1))
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_parity_on_fer2013_faces(parity_model, public_faces, batch):
+  _, path = parity_model
+  images, want = public_faces
+  got = export.run(export.session(path, threads=2), images[:batch])["probabilities"]
+  assert got.shape == (batch, 7) and got.dtype == np.float32
+  np.testing.assert_allclose(got, want[:batch], rtol=0, atol=PARITY_ATOL)
+  np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+
+
+# --- every family -------------------------------------------------------------------------
+
+
+def _check_family(name, model_kwargs, input_shape=IMAGE_SHAPE):
+  trained = _trained_model(name, dict(model_kwargs, num_va=2), input_shape, num_va=2)
+  proto = export.to_onnx(trained)
+  assert [o.name for o in proto.graph.output] == ["probabilities", "va"]
+  images = np.random.default_rng(0).integers(0, 256, (3, *IMAGE_SHAPE), np.uint8)
+  got = export.run(export.session(proto), images)
+  logits, va = trained.apply(jnp.asarray(images))
+  np.testing.assert_allclose(got["probabilities"], jax.nn.softmax(logits, -1), atol=PARITY_ATOL)
+  np.testing.assert_allclose(got["va"], va, atol=PARITY_ATOL)
+  return sorted({node.op_type for node in proto.graph.node})
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=() if n in FAST_FAMILIES else pytest.mark.slow) for n in FAMILIES])
+def test_family_converts(name):
+  ops = _check_family(name, FAMILIES[name])
+  print(f"{name}: converts; ops {ops}")
+
+
+@pytest.mark.slow
+def test_resize_and_channels_are_in_the_graph():
+  """A model whose input_shape differs from the stored image shape (48x48 grey ->
+  64x64 RGB, bilinear, as in training)."""
+  _check_family("vgg_fer", FAMILIES["vgg_fer"], input_shape=(64, 64, 3))
+
+
+# --- int8 ---------------------------------------------------------------------------------
+
+
+def test_int8_runs_is_quantised_and_agrees_with_fp32(int8_model, npz):
+  """The shipped student quantised: every conv kernel int8, and its top-1 agrees with
+  fp32 on PublicTest faces (the accuracy lost is measured by the slow test below)."""
+  _, fp32, int8 = int8_model
+  proto = onnx.load(int8)
+  ops = {node.op_type for node in proto.graph.node}
+  assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+  int8_weights = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8
+                  and len(i.dims) == 4]
+  convs = [n for n in onnx.load(fp32).graph.node if n.op_type == "Conv"]
+  assert len(int8_weights) >= len(convs)  # every conv kernel (and more) is int8
+  assert int8.stat().st_size < 0.4 * fp32.stat().st_size
+  images = _faces(npz, usage=1, count=256)
+  for batch in (1, 64):
+    probabilities = export.run(export.session(int8, threads=2), images[:batch])["probabilities"]
+    assert probabilities.shape == (batch, 7)
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-3)
+  top1 = [export.run(export.session(path, threads=2), images)["probabilities"].argmax(-1)
+          for path in (fp32, int8)]
+  assert np.mean(top1[0] == top1[1]) >= 0.9
+  meta = {p.key: p.value for p in proto.metadata_props}
+  assert json.loads(meta["class_names"]) == list(FER2013_NAMES) and "quantization" in meta
+
+
+def test_int8_needs_the_calibration_npz(parity_model, capsys, tmp_path):
+  _, fp32 = parity_model
+  missing = tmp_path / "none.npz"
+  assert export.main([f"--model={fp32.with_name('model')}", f"--out={tmp_path / 'x.onnx'}",
+                      "--int8", f"--calibration={missing}"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "none.npz" in err
+
+
+@pytest.mark.slow
+def test_int8_agreement_on_trained_student(npz, tmp_path):
+  """int8 against fp32 on the shipped student: top-1 agreement on 256 PublicTest
+  faces, and the accuracy lost on all of PublicTest."""
+  if STUDENT not in model_dir.pretrained_names():
+    pytest.skip(f"no trained student {STUDENT!r} in {model_dir.pretrained_dir()}")
+  fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+  assert export.main([f"--model={STUDENT}", f"--out={fp32}"]) == 0
+  assert export.main([f"--model={STUDENT}", f"--out={int8}", "--int8",
+                      f"--calibration={npz}"]) == 0
+  with np.load(npz) as data:
+    public = data["usage"] == 1
+    images, labels = data["pixels"][public][..., None], data["emotion"][public]
+  trained = export.load_model(STUDENT)
+  images = export.adapt_images(images, trained.image_shape)
+  predictions = {}
+  for name, path in (("fp32", fp32), ("int8", int8)):
+    sess = export.session(path, threads=2)
+    predictions[name] = np.concatenate([export.run(sess, images[i:i + 256])["probabilities"]
+                                        for i in range(0, len(images), 256)]).argmax(-1)
+  sample = np.sort(np.random.default_rng(0).choice(len(images), 256, replace=False))
+  agreement = np.mean(predictions["fp32"][sample] == predictions["int8"][sample])
+  accuracy = {k: float(np.mean(v == labels)) for k, v in predictions.items()}
+  print(f"int8 top-1 agreement {agreement:.3f}; PublicTest accuracy {accuracy}")
+  assert agreement >= 0.9
+  assert accuracy["fp32"] - accuracy["int8"] <= 0.02
