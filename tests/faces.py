@@ -1,9 +1,8 @@
 """Photo-like test scenes: FER2013 faces pasted onto textured clutter at known places.
 
-The same construction as tests/test_detect.py (blurred tinted noise, faces
-scaled and slightly rotated, the upright pasted square as the expected box),
-shared so that the detector and the predictor are tested on the same kind of
-scene.
+Blurred tinted noise, faces scaled and slightly rotated, and the upright pasted
+square as the expected box; the detector's and the predictor's tests use the same
+scenes.
 """
 import functools
 import pathlib

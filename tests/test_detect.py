@@ -11,26 +11,22 @@ The weights come from the installed ``mtcnn`` wheel, converted into a
 temporary directory (nothing is written under the home directory).
 """
 import importlib.metadata
-import pathlib
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
-from PIL import Image, ImageFilter
+from PIL import Image
 
+import faces as scenes
 from fer_jax.detect import mtcnn
 from fer_jax.detect import MTCNN
 
-FER2013 = (pathlib.Path(__file__).parents[1]
-           / "../shared/data/fer2013/fer2013.npz")
 CANVAS = (480, 640)
-# (PublicTest index among usage == 1, centre (x, y), side in px, degrees).
-# Indices chosen because each face is found when pasted alone here; about one
-# in five of the first 40 PublicTest faces is not (tight crops, low contrast).
-FACES = ((2, (140, 130), 110, -6), (13, (330, 300), 150, 4),
-         (30, (530, 150), 95, 7))
+# Each face is found when pasted alone here; about one in five of the first 40
+# PublicTest faces is not (tight crops, low contrast).
+FACES = scenes.FACES
 MIN_IOU = 0.5
 
 
@@ -259,59 +255,20 @@ def test_bucket_is_a_power_of_two():
 # -------------------------------------------------------- end to end
 
 
-def background(shape, seed=0):
-  """Grey-ish RGB clutter: blurred noise, stretched, slightly tinted."""
-  rng = np.random.default_rng(seed)
-  channels = []
-  for c in range(3):
-    noise = Image.fromarray(rng.integers(0, 256, shape, np.uint8))
-    smooth = np.asarray(noise.filter(ImageFilter.GaussianBlur(6)), np.float32)
-    channels.append(128 + (smooth - smooth.mean()) * 4 + 8 * (c - 1))
-  return np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8)
-
-
-def paste(canvas, face48, centre, side, degrees):
-  """Pastes a scaled, rotated grey face; returns the image and the upright
-  square of the face (the expected box)."""
-  face = Image.fromarray(face48).convert("RGB").resize((side, side),
-                                                       Image.BICUBIC)
-  mask = Image.new("L", (side, side), 255)
-  face, mask = (im.rotate(degrees, Image.BICUBIC, expand=True)
-                for im in (face, mask))
-  out = Image.fromarray(canvas)
-  corner = (centre[0] - face.width // 2, centre[1] - face.height // 2)
-  out.paste(face, corner, mask)
-  half = side / 2
-  return np.asarray(out), (centre[0] - half, centre[1] - half,
-                           centre[0] + half, centre[1] + half)
-
-
-def iou(a, b):
-  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-  inter = iw * ih
-  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-  return inter / union
-
-
 @pytest.fixture(scope="module")
 def fer_faces():
-  if not FER2013.is_file():
-    pytest.skip(f"FER2013 not found at {FER2013.resolve()}")
-  with np.load(FER2013) as data:
-    public = np.flatnonzero(data["usage"] == 1)
-    return [data["pixels"][public[index]] for index, *_ in FACES]
+  return scenes.public_test_faces([index for index, *_ in FACES])
 
 
 @pytest.fixture(scope="module")
 def scene(fer_faces):
   """The background, each face pasted alone, and all three together."""
-  empty = background(CANVAS)
+  empty = scenes.background(CANVAS)
   alone, boxes = [], []
   canvas = empty
   for face, (_, centre, side, degrees) in zip(fer_faces, FACES):
-    alone.append(paste(empty, face, centre, side, degrees)[0])
-    canvas, box = paste(canvas, face, centre, side, degrees)
+    alone.append(scenes.paste(empty, face, centre, side, degrees)[0])
+    canvas, box = scenes.paste(canvas, face, centre, side, degrees)
     boxes.append(box)
   return empty, alone, canvas, boxes
 
@@ -319,11 +276,11 @@ def scene(fer_faces):
 def assert_found(faces, expected_boxes):
   """Every expected box matched at IoU >= MIN_IOU; every confident detection
   (score >= 0.9) lies on an expected box. Returns the IoUs."""
-  ious = [max([iou(f["box"], box) for f in faces], default=0.0)
+  ious = [max([scenes.iou(f["box"], box) for f in faces], default=0.0)
           for box in expected_boxes]
   assert min(ious) >= MIN_IOU, (ious, faces)
   stray = [f for f in faces if f["score"] >= 0.9
-           and max(iou(f["box"], box) for box in expected_boxes) < 0.3]
+           and max(scenes.iou(f["box"], box) for box in expected_boxes) < 0.3]
   assert not stray, stray
   return ious
 
