@@ -35,7 +35,7 @@ never installed). Rows whose requirements are missing say so.
 
 Usage (the command behind deploy_speed.md; a few minutes on 2 cores):
 
-  python experiments/benchmarks/deploy_speed.py --onnx2tf=/tmp/o2t-venv/bin/onnx2tf \
+  python experiments/benchmarks/deploy_speed.py --onnx2tf=VENV312/bin/onnx2tf \
       --out=experiments/benchmarks/deploy_speed.md
 """
 import argparse
