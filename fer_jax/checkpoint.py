@@ -47,10 +47,6 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
-  def read_meta(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))["meta"]
-
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
