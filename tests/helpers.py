@@ -1,6 +1,9 @@
-"""Tiny configs and set-up shared by the trainer's tests."""
+"""Tiny configs and set-up shared by the tests."""
+import importlib.metadata
+
 import jax
 import ml_collections
+import pytest
 
 from fer_jax import config_utils as cu
 from fer_jax import phase as phase_lib
@@ -57,3 +60,14 @@ def run_steps(phase, arrays, mesh, n, instrument=lambda f: f, weights=None, teac
     state, metrics = step_fn(state, jax.device_put(w, steps.replicated(mesh)), teacher_vars,
                              data)
   return step_fn, state, metrics, (teacher_vars, data)
+
+
+def mtcnn_weights(folder):
+  """The MTCNN weights converted into ``folder`` (never the home cache); skips the test
+  when the ``mtcnn`` wheel they come from is not installed."""
+  try:
+    importlib.metadata.distribution("mtcnn")
+  except importlib.metadata.PackageNotFoundError:
+    pytest.skip("mtcnn==1.0.0 (the detector weights' source) is not installed")
+  from fer_jax.detect import mtcnn  # pylint: disable=g-import-not-at-top
+  return mtcnn.convert_weights(folder / f"mtcnn-{mtcnn.MTCNN_VERSION}.npz")

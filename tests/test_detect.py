@@ -10,7 +10,6 @@ end-to-end checks paste FER2013 faces onto a textured background.
 The weights come from the installed ``mtcnn`` wheel, converted into a
 temporary directory (nothing is written under the home directory).
 """
-import importlib.metadata
 import sys
 
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 import faces as scenes
+from helpers import mtcnn_weights
 from fer_jax.detect import mtcnn
 from fer_jax.detect import MTCNN
 
@@ -32,12 +32,7 @@ MIN_IOU = 0.5
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
-  try:
-    importlib.metadata.distribution("mtcnn")
-  except importlib.metadata.PackageNotFoundError:
-    pytest.skip("mtcnn==1.0.0 (the weights' source) is not installed")
-  return mtcnn.convert_weights(
-      tmp_path_factory.mktemp("mtcnn") / "mtcnn-1.0.0.npz")
+  return mtcnn_weights(tmp_path_factory.mktemp("mtcnn"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ resize to 48x48.
 """
 import csv
 import dataclasses
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -26,6 +25,7 @@ import pytest
 from PIL import Image
 
 import faces as scenes
+from helpers import mtcnn_weights
 import fer_jax
 from fer_jax import model_dir
 from fer_jax import predict
@@ -49,13 +49,8 @@ VIDEO_FACES = ((2, lambda t: (75 + 3 * t, 80), 96), (30, lambda t: (240, 150 - t
 @pytest.fixture(scope="module")
 def mtcnn_env(tmp_path_factory):
   """FER_JAX_CACHE with the detector weights converted into a temporary folder."""
-  try:
-    importlib.metadata.distribution("mtcnn")
-  except importlib.metadata.PackageNotFoundError:
-    pytest.skip("mtcnn==1.0.0 (the detector weights' source) is not installed")
-  from fer_jax.detect import mtcnn
   cache = tmp_path_factory.mktemp("fer_jax_cache")
-  mtcnn.convert_weights(cache / f"mtcnn-{mtcnn.MTCNN_VERSION}.npz")
+  mtcnn_weights(cache)
   return {"FER_JAX_CACHE": str(cache)}
 
 
