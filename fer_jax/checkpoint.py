@@ -2,9 +2,13 @@
 
 Orbax writes each step into a temporary directory and renames it only after
 every file is committed, so a save that is interrupted half-way is never
-listed as a step and the last complete checkpoint is what resumes.
+listed as a step and the last complete checkpoint is what resumes. A save
+that fails (a full disk) raises ``CheckpointError`` naming the intact step;
+a complete step damaged on disk later is set aside and the one before resumes.
 """
+import contextlib
 import logging
+import os
 import pathlib
 from typing import Any
 
@@ -17,6 +21,10 @@ def quiet_logs() -> None:
   """Drops Orbax's INFO lines (a dozen per save) that would drown the progress bars."""
   absl_logging.get_absl_logger().addFilter(
       lambda record: record.levelno > logging.INFO or "/orbax/" not in record.pathname)
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written; the message names the intact one."""
 
 
 class Checkpoints:
@@ -36,9 +44,21 @@ class Checkpoints:
     for newer in [s for s in self._manager.all_steps() if s > step]:
       self._manager.delete(newer)
 
+  @contextlib.contextmanager
+  def _writing(self):
+    # Orbax writes in the background: a failed write surfaces at the next save or wait.
+    try:
+      yield
+    except OSError as e:
+      raise CheckpointError(
+          f"writing a checkpoint in {self.directory} failed: {e.strerror or e} "
+          f"({e.filename or 'no file named'}); the last complete checkpoint, step "
+          f"{self.latest_step()}, is intact") from e
+
   def save(self, step: int, state: Any, meta: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    with self._writing():
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, step: int, like: Any) -> tuple[Any, dict]:
     """Restores ``step`` into the structure, shapes and shardings of ``like``."""
@@ -47,8 +67,35 @@ class Checkpoints:
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
+  def restore_latest(self, like: Any) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) of the newest step that reads back, or None without any.
+
+    A step that fails to read while an older one reads is damaged on disk: it is
+    renamed ``damaged-<step>`` (kept for inspection, invisible to Orbax), with a
+    warning. When no step reads, the first error is raised: it is then not damage
+    (a changed model, say), and nothing is set aside.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        state, meta = self.restore(step, like)
+      except Exception as e:  # pylint: disable=broad-except  # Orbax and TensorStore raise many types
+        if i == len(steps) - 1:
+          raise
+        absl_logging.warning("checkpoint step %d in %s cannot be read (%s: %s); "
+                             "falling back to step %d", step, self.directory,
+                             type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+                             steps[i + 1])
+        continue
+      for damaged in steps[:i] if jax.process_index() == 0 else ():
+        os.replace(self.directory / str(damaged), self.directory / f"damaged-{damaged}")
+      self._manager.reload()
+      return step, state, meta
+    return None
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._writing():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()

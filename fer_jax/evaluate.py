@@ -9,13 +9,25 @@ occluder of ``occlusion_kinds`` (the fixed protocol of
 and a confusion matrix, plus RMSE/CCC/PCC/SAGR of valence and arousal when
 the model has a V/A head and the split has targets.
 
+The clean test split is also scored with test-time flip averaging (the mean
+of the class probabilities of each face and its mirror image), reported as
+``<test>/flip_accuracy`` beside, never instead of, the single-view accuracy.
+
 One jitted predict program per model serves validation, test and every
-occluded test.
+occluded test (a second one, the flip-averaged, serves the clean test once).
+
+Command line, a model directory (or a pretrained name) on a data preset:
+  python -m fer_jax.evaluate --model=fer2013-student --data=fer2013
+prints the results as JSON (``--out`` also writes them).
 """
+import json
 import math
+import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from fer_jax import metrics as metrics_lib
 from fer_jax import model_dir
@@ -34,11 +46,20 @@ def _padded_batches(arrays, batch_size, *fields):
                          for f in fields]
 
 
-def predict_split(predict, variables, arrays, batch_size):
+def _sharded(batch: np.ndarray, mesh) -> jax.Array:
+  """A host batch, the same on every process, as a global array sharded over ``mesh``.
+
+  A jit accepts host arrays only while it runs on one process; with several,
+  each process places its own devices' rows of the global batch.
+  """
+  return jax.device_put(batch, steps.batch_sharded(mesh))
+
+
+def predict_split(predict, variables, arrays, batch_size, mesh):
   """Runs ``predict`` over a whole split in padded, sharded batches."""
   logits, va = [], []
   for count, (images,) in _padded_batches(arrays, batch_size, "image"):
-    out = jax.device_get(predict(variables, images))
+    out = jax.device_get(predict(variables, _sharded(images, mesh)))
     logits.append(out[0][:count])
     va.append(out[1][:count])
   return np.concatenate(logits), np.concatenate(va)
@@ -47,9 +68,22 @@ def predict_split(predict, variables, arrays, batch_size):
 def occluded_split(arrays: dict, kind: str, seed: int, mesh, batch_size: int) -> dict:
   """``arrays`` under the fixed test occluder ``kind``."""
   occlude = steps.make_occlude(mesh, kind, seed)
-  images = [jax.device_get(occlude(img, idx))[:count] for count, (img, idx) in
-            _padded_batches(arrays, batch_size, "image", "index")]
+  images = [jax.device_get(occlude(_sharded(img, mesh), _sharded(idx, mesh)))[:count]
+            for count, (img, idx) in _padded_batches(arrays, batch_size, "image", "index")]
   return dict(arrays, image=np.concatenate(images))
+
+
+def flip_averaged(forward):
+  """``forward`` averaged over each face and its mirror image (probabilities, returned
+  as log-probabilities, so argmax and softmax read them as logits)."""
+
+  def averaged(variables, images):
+    logits, va = forward(variables, images)
+    mirrored_logits, mirrored_va = forward(variables, images[:, :, ::-1])
+    probs = (jax.nn.softmax(logits) + jax.nn.softmax(mirrored_logits)) / 2
+    return jnp.log(probs), (va + mirrored_va) / 2
+
+  return averaged
 
 
 def split_metrics(arrays: dict, logits: np.ndarray, va: np.ndarray) -> dict:
@@ -68,6 +102,7 @@ class Evaluator:
     self.arrays, self.data_cfg, self.mesh = arrays, data_cfg, mesh
     self.batch_size = batch_size
     self.predict = steps.make_predict(template.forward, mesh)
+    self.predict_flipped = steps.make_predict(flip_averaged(template.forward), mesh)
 
   def split(self, name: str) -> dict:
     """A loaded split, or ``<test split>_occluded_<kind>`` made (and kept) on first use."""
@@ -82,7 +117,7 @@ class Evaluator:
 
   def metrics(self, variables, name: str) -> dict:
     arrays = self.split(name)
-    logits, va = predict_split(self.predict, variables, arrays, self.batch_size)
+    logits, va = predict_split(self.predict, variables, arrays, self.batch_size, self.mesh)
     return split_metrics(arrays, logits, va)
 
   def test_splits(self) -> list[str]:
@@ -105,4 +140,41 @@ class Evaluator:
       results.update({f"{split}/{k}": v for k, v in values.items()})
     if occluded:
       results[f"{data.test_split}_occluded/accuracy"] = float(np.mean(occluded))
+    test = self.arrays[data.test_split]
+    logits, _ = predict_split(self.predict_flipped, variables, test, self.batch_size, self.mesh)
+    results[f"{data.test_split}/flip_accuracy"] = float(np.mean(logits.argmax(-1) == test["label"]))
     return results, confusion
+
+
+def evaluate_model(model: model_dir.TrainedModel, data_cfg, batch_size: int = 512) -> dict:
+  """Every metric of ``Evaluator.evaluate`` for a trained model, plus the selection split's."""
+  from fer_jax import train  # pylint: disable=g-import-not-at-top  # train imports this module
+  mesh = train.make_mesh()
+  _, arrays = train.load_data(data_cfg)
+  evaluator = Evaluator(model, arrays, data_cfg, mesh, batch_size)
+  results, _ = evaluator.evaluate(jax.device_put(model.variables, steps.replicated(mesh)))
+  return results
+
+
+def main(argv):
+  del argv
+  from fer_jax import config_utils  # pylint: disable=g-import-not-at-top
+  try:
+    model = model_dir.load(flags.FLAGS.model)
+    data_cfg = config_utils.data_config(flags.FLAGS.data)
+  except (model_dir.ModelDirError, config_utils.ConfigError) as e:
+    raise app.UsageError(str(e)) from None
+  results = evaluate_model(model, data_cfg)
+  text = json.dumps(results, indent=1)
+  print(text)
+  if flags.FLAGS.out:
+    pathlib.Path(flags.FLAGS.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+  # Defined here, not on import: fer_jax.train imports this module beside other CLIs.
+  flags.DEFINE_string("model", None, "A model directory or a pretrained model's name.")
+  flags.DEFINE_string("data", "fer2013", "A data preset (fer_jax.config_utils.data_config).")
+  flags.DEFINE_string("out", "", "Also write the results (JSON) to this file.")
+  flags.mark_flags_as_required(["model"])
+  app.run(main)

@@ -9,6 +9,7 @@ gradient is not finite stops the run with each loss term's value and the last
 good checkpoint; the step itself was not applied.
 """
 import dataclasses
+import itertools
 import json
 import pathlib
 import time
@@ -77,10 +78,10 @@ class _Loop:
     self.ckpt_every = program.cfg.checkpoint_every_steps or self.eval_every
 
   def resume(self, state):
-    latest = self.ckpts.latest_step()
-    best = {"score": -1.0, "step": 0}
-    if latest is not None:
-      state, meta = self.ckpts.restore(latest, state)
+    restored = self.ckpts.restore_latest(state)
+    latest, best = None, {"score": -1.0, "step": 0}
+    if restored is not None:
+      latest, state, meta = restored
       best = meta["best"]
       logging.info("%s: resumed at step %d from %s", self.program.name, latest,
                    self.ckpts.directory)
@@ -152,9 +153,13 @@ def fit(program: phase_lib.PhaseProgram, spec: steps.StepSpec, state, train_data
   bar = tqdm.tqdm(total=program.total_steps, initial=start, desc=program.name, unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   t0 = time.time()
+  # Device-resident data is the same input every step (the step draws its batch);
+  # a stream gives each step its batch, from where the run resumes.
+  feed = (itertools.repeat(train_data) if spec.device_resident else
+          train_data.from_step(start))
   try:
-    for step in range(start, program.total_steps):
-      state, metrics = step_fn(state, weights, teacher_vars, train_data)
+    for step, data in zip(range(start, program.total_steps), feed):
+      state, metrics = step_fn(state, weights, teacher_vars, data)
       loop.flush(progress, bar)
       progress.pending = (step, metrics)
       loop.after_step(step + 1, state, progress, bar, validate)

@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fer_jax import checkpoint, train
+from fer_jax.checkpoint import CheckpointError
 from fer_jax.config_utils import ConfigError
 from fer_jax.model_dir import ModelDirError
 
@@ -23,6 +24,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for checkpoints and results "
                                "(default: workdirs/<config name>).")
+# A cluster JAX detects (Cloud TPU, SLURM, Open MPI, ...) needs none of these;
+# elsewhere every process gets the same address and count and its own id.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -74,6 +81,18 @@ def _first_error(error: BaseException) -> str:
   return message if isinstance(error, ConfigError) else f"--config: {message}"
 
 
+def start_processes() -> None:
+  """Joins the multi-process run the flags name or JAX detects; else runs alone."""
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    return
+  try:
+    jax.distributed.initialize()
+  except (ValueError, RuntimeError) as e:
+    # Raised when no cluster is detected: a single-host run.
+    logging.info("single-host run (%s)", e)
+
+
 def default_workdir(config) -> str:
   return str(pathlib.Path("workdirs") / str(config.get("name", "run")).replace("/", "_"))
 
@@ -82,11 +101,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   checkpoint.quiet_logs()
-  try:
-    jax.distributed.initialize()
-  except (ValueError, RuntimeError) as e:
-    # Raised when no cluster is detected: a single-host run.
-    logging.info("single-host run (%s)", e)
+  start_processes()
   logging.info("process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   try:
@@ -101,7 +116,7 @@ def main(argv):
     print(f"fer_jax: writing to {workdir}", flush=True)
   try:
     train.train_and_evaluate(config, workdir)
-  except (ConfigError, ModelDirError) as e:
+  except (ConfigError, ModelDirError, CheckpointError) as e:
     fail(str(e))
   except FileNotFoundError as e:  # a dataset that is neither built nor downloaded
     fail(f"{str(e).splitlines()[0]} (docs/datasets.md)")

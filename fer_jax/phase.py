@@ -15,6 +15,7 @@ from typing import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fer_jax import model_dir
@@ -23,6 +24,8 @@ from fer_jax import objectives
 from fer_jax import plugins
 from fer_jax import steps
 from fer_jax.config_utils import ConfigError, PhaseConfig
+from fer_jax.data import streaming
+from fer_jax.data.base import Split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,16 +34,22 @@ class DataInfo:
   class_names: tuple[str, ...]
   train_size: int
   fields: Mapping[str, jax.ShapeDtypeStruct]  # one example's fields
+  resident: bool = True  # the training set lives on the devices (else it streams)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
     return tuple(self.fields["image"].shape)
 
   @classmethod
-  def of(cls, class_names, train_arrays) -> "DataInfo":
-    fields = {k: jax.ShapeDtypeStruct(v.shape[1:], jax.dtypes.canonicalize_dtype(v.dtype))
-              for k, v in train_arrays.items()}
-    return cls(tuple(class_names), len(train_arrays["label"]), fields)
+  def of(cls, class_names, train: Mapping[str, np.ndarray] | Split) -> "DataInfo":
+    """From the training arrays, or from a training split that streams (``load_data``)."""
+    if isinstance(train, Mapping):
+      example, size = {k: v[0] for k, v in train.items()}, len(train["label"])
+    else:
+      example, size = streaming.numeric_fields(train[0]), len(train)
+    fields = {k: jax.ShapeDtypeStruct(v.shape, jax.dtypes.canonicalize_dtype(v.dtype))
+              for k, v in example.items()}
+    return cls(tuple(class_names), size, fields, resident=isinstance(train, Mapping))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +184,8 @@ def setup(config, name: str, cfg: PhaseConfig, data: DataInfo, mesh,
       augment_config=config.augment, batch_size=cfg.batch_size, mesh=mesh,
       teacher=teacher.module() if teacher else None,
       teacher_dtype=jnp.dtype(cfg.teacher_dtype), student_input=own.input_shape,
-      teacher_input=teacher.input_shape if teacher else None, plugin=plugin)
+      teacher_input=teacher.input_shape if teacher else None, plugin=plugin,
+      device_resident=data.resident)
   return PhaseProgram(
       name=name, index=list(config.phases).index(name), cfg=cfg, seed=config.seed,
       template=own, teacher=teacher, objective=spec.objective,

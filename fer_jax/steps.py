@@ -174,5 +174,6 @@ def make_occlude(mesh, occlusion_kind: str, occlusion_seed: int = 0) -> Callable
   def occlude(images, indices):
     return occlusion.occlude_fixed(images, indices, occlusion_kind, seed=occlusion_seed)
 
+  # Replicated out: every process reads the whole occluded batch back.
   return jax.jit(occlude, in_shardings=(batch_sharded(mesh), batch_sharded(mesh)),
-                 out_shardings=batch_sharded(mesh))
+                 out_shardings=replicated(mesh))

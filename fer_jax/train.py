@@ -27,7 +27,7 @@ from fer_jax import model_dir
 from fer_jax import phase as phase_lib
 from fer_jax import report
 from fer_jax import steps
-from fer_jax.data import DATASETS, as_arrays
+from fer_jax.data import DATASETS, as_arrays, streaming
 from fer_jax.tools import count as count_lib
 
 
@@ -40,7 +40,8 @@ def check_workdir(workdir: str) -> pathlib.Path:
   path = pathlib.Path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / ".write_probe"
+    # One probe per process: on a shared filesystem they must not race on one file.
+    probe = path / f".write_probe.{jax.process_index()}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
@@ -48,19 +49,29 @@ def check_workdir(workdir: str) -> pathlib.Path:
   return path
 
 
+def _fits_in_memory(split, limit_mb: float) -> bool:
+  example = streaming.numeric_fields(split[0])
+  return len(split) * sum(v.nbytes for v in example.values()) <= limit_mb * 2**20
+
+
 def load_data(data_cfg):
-  """The dataset and, as numpy arrays, every split the config uses."""
+  """The dataset and every split the config uses as numeric numpy arrays, except a
+  training split over ``data_cfg.max_resident_mb``: that one stays a random-access
+  split, and streams (``fer_jax.data.streaming``)."""
   dataset = DATASETS.get(data_cfg.name)(data_cfg)
-  wanted = {data_cfg.train_split, data_cfg.eval_split, data_cfg.test_split,
-            *data_cfg.extra_test_splits}
-  # Only numeric fields go to the accelerator (names and paths stay behind).
-  arrays = {s: {k: v for k, v in as_arrays(dataset.split(s)).items() if v.dtype.kind in "biuf"}
-            for s in wanted}
-  for a in arrays.values():
+  arrays = {}
+  for name in {data_cfg.train_split, data_cfg.eval_split, data_cfg.test_split,
+               *data_cfg.extra_test_splits}:
+    split = dataset.split(name)
+    if name == data_cfg.train_split and not _fits_in_memory(split, data_cfg.max_resident_mb):
+      arrays[name] = split
+      continue
+    a = {k: v for k, v in as_arrays(split).items() if v.dtype.kind in "biuf"}
     # The occlusion protocol keys each test image by its source row; a layout
     # without one (Kaggle folders: -1) falls back to the position in the split.
     if "index" not in a or np.any(a["index"] < 0):
       a["index"] = np.arange(len(a["label"]), dtype=np.int64)
+    arrays[name] = a
   return dataset, arrays
 
 
@@ -87,7 +98,10 @@ class PhaseResult:
 def _train(program, data, arrays, config, trained, workdir, writer, evaluator):
   state, spec = phase_lib.initial_state(program, data, trained)
   replicated = steps.replicated(spec.mesh)
-  train_data = jax.device_put(arrays[config.data.train_split], replicated)
+  train = arrays[config.data.train_split]
+  train_data = (jax.device_put(train, replicated) if spec.device_resident else
+                streaming.TrainStream(train, spec.mesh, spec.batch_size,
+                                      seed=program.seed * 1000 + program.index))
   teacher_vars = (jax.device_put(trained[program.cfg.teacher].variables, replicated)
                   if program.teacher is not None else {})
 

@@ -1,8 +1,10 @@
 """Tiny configs and set-up shared by the tests."""
 import importlib.metadata
+import pathlib
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from fer_jax import config_utils as cu
@@ -60,6 +62,19 @@ def run_steps(phase, arrays, mesh, n, instrument=lambda f: f, weights=None, teac
     state, metrics = step_fn(state, jax.device_put(w, steps.replicated(mesh)), teacher_vars,
                              data)
   return step_fn, state, metrics, (teacher_vars, data)
+
+
+def restore_raw(directory):
+  """(latest step, state as numpy) of a checkpoint directory, whatever mesh wrote it."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  mgr = ocp.CheckpointManager(directory)
+  step = mgr.latest_step()
+  mgr.close()
+  path = pathlib.Path(directory) / str(step) / "state"
+  with ocp.PyTreeCheckpointer() as reader:
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                            reader.metadata(path).item_metadata.tree)
+    return step, reader.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
 def mtcnn_weights(folder):

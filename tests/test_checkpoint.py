@@ -1,4 +1,6 @@
-"""Orbax checkpoints: an interrupted save never becomes the latest step."""
+"""Orbax checkpoints: an interrupted save never becomes the latest step; a damaged
+latest step falls back to the previous one; a failed write is one clear error."""
+import errno
 import os
 import pathlib
 import signal
@@ -8,8 +10,9 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
-from fer_jax.checkpoint import Checkpoints
+from fer_jax.checkpoint import CheckpointError, Checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -40,3 +43,59 @@ def test_interrupted_save_never_loads(tmp_path):
   state, meta = ckpts.restore(1, {"w": np.zeros(4, np.float32)})
   np.testing.assert_array_equal(state["w"], np.ones(4, np.float32))
   assert meta == {"note": "small"}
+
+
+def _truncate_files(directory: pathlib.Path) -> None:
+  """Cuts every file under ``directory`` to half its size, as a crashed disk might."""
+  for path in directory.rglob("*"):
+    if path.is_file():
+      os.truncate(path, path.stat().st_size // 2)
+
+
+def _saved(tmp_path, steps) -> Checkpoints:
+  ckpts = Checkpoints(tmp_path)
+  for step in steps:
+    ckpts.save(step, {"w": np.full(4, step, np.float32)}, {"step": step})
+    ckpts.wait()
+  return ckpts
+
+
+def test_a_damaged_latest_step_is_set_aside_and_the_previous_one_resumes(tmp_path, caplog):
+  _saved(tmp_path, (1, 2)).close()
+  _truncate_files(tmp_path / "2")
+  ckpts = Checkpoints(tmp_path)
+  step, state, meta = ckpts.restore_latest({"w": np.zeros(4, np.float32)})
+  assert (step, meta) == (1, {"step": 1})
+  np.testing.assert_array_equal(state["w"], np.ones(4, np.float32))
+  assert "checkpoint step 2" in caplog.text and "falling back to step 1" in caplog.text
+  assert ckpts.latest_step() == 1 and (tmp_path / "damaged-2").is_dir()
+  # Training on saves step 2 again over the set-aside one.
+  ckpts.save(2, {"w": np.full(4, 7, np.float32)}, {"step": 2})
+  ckpts.wait()
+  assert Checkpoints(tmp_path).restore_latest({"w": np.zeros(4, np.float32)})[0] == 2
+
+
+def test_when_no_step_reads_the_error_is_raised_and_nothing_is_set_aside(tmp_path):
+  _saved(tmp_path, (1,)).close()
+  _truncate_files(tmp_path / "1")
+  with pytest.raises(Exception):
+    Checkpoints(tmp_path).restore_latest({"w": np.zeros(4, np.float32)})
+  assert (tmp_path / "1").is_dir() and not list(tmp_path.glob("damaged-*"))
+
+
+def test_a_failed_write_is_one_clear_error_and_the_previous_step_stays_intact(
+    tmp_path, monkeypatch):
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler  # pylint: disable=g-import-not-at-top
+
+  async def disk_full(self, item, directory):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+  ckpts = _saved(tmp_path, (1,))
+  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", disk_full)
+  with pytest.raises(CheckpointError, match=r"No space left on device.*step 1, is intact"):
+    ckpts.save(2, {"w": np.full(4, 2, np.float32)}, {"step": 2})
+    ckpts.wait()
+  monkeypatch.undo()
+  step, state, _ = Checkpoints(tmp_path).restore_latest({"w": np.zeros(4, np.float32)})
+  assert step == 1
+  np.testing.assert_array_equal(state["w"], np.ones(4, np.float32))

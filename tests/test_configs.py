@@ -291,6 +291,32 @@ def test_teacher_bounded_students_report_valence_arousal(tmp_path):
         check_whole_multiple(values[f"{dim}_sagr"], n, f"{phase} {split} {dim}_sagr")
 
 
+def _data_without_valence_arousal():
+  """The embedded faces' data config and their DataInfo with the V/A fields dropped,
+  as FER2013 and FERPlus give them."""
+  data_cfg = load_config("mkd", "smoke").data
+  dataset, arrays = train.load_data(data_cfg)
+  fields = {k: v for k, v in arrays[data_cfg.train_split].items()
+            if k not in ("valence", "arousal")}
+  return data_cfg, phase_lib.DataInfo.of(dataset.class_names, fields)
+
+
+@pytest.mark.parametrize("data", ["fer2013", "ferplus"])
+def test_teacher_bounded_without_valence_arousal_is_classification_kd(data):
+  config = load_config("teacher_bounded", f"data={data}")
+  assert config.teacher.model == "resnet18"  # EmoNet is an 8-class AffectNet model
+  assert all(config[p].model_kwargs.num_va == 0 for p in config.phases)
+  assert all(set(config[p].terms) == {"ce", "kd"} for p in config.phases[1:])
+  data_cfg, data_info = _data_without_valence_arousal()
+  config.unlock().data = data_cfg
+  assert set(train.setup_phases(config, data_info, train.make_mesh())) == set(config.phases)
+  # The check that passes here refuses the V/A terms on such data, before compiling.
+  with_va = load_config("teacher_bounded", "")
+  with_va.unlock().data = data_cfg
+  with pytest.raises(ConfigError, match="valence"):
+    train.setup_phases(with_va, data_info, train.make_mesh())
+
+
 @pytest.mark.slow
 def test_asdc_probe_trains_on_the_frozen_student_encoder(tmp_path):
   config, results = run_smoke("asdc", tmp_path)

@@ -7,6 +7,7 @@ from hand-worked vote examples and an independent numpy majority count.
 import csv
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -497,10 +498,24 @@ BAD_DATA = {
                                                    "FER2013Valid" / "label.csv",
                                                    ['fer0000005.png,"(0, 0, 48, 48)",1,2'])),
         r"FER2013Valid/label\.csv, line 1: expected"),
+    "raf_corrupt_image": (
+        "rafdb", lambda p: (write_rafdb_download(p / "download"), _corrupt(
+            p / "download" / "RAF-DB" / "basic" / "Image" / "aligned" / "train_00003_aligned.jpg")),
+        r"list_patition_label\.txt, line 3: cannot decode image .*train_00003_aligned\.jpg"),
+    "affectnet_corrupt_image": (
+        "affectnet", lambda p: (write_affectnet_download(p / "download"), _corrupt(
+            next((p / "download" / "Manually_Annotated_Images").rglob("a002*.jpg")))),
+        r"training\.csv, line 4: cannot decode image .*a002.*\.jpg"),
     "empty_manual_dir": (
         "fer2013", lambda p: (p / "download").mkdir(), r"download is empty"),
     "missing_manual_dir": ("fer2013", lambda p: None, r"download does not exist"),
 }
+
+
+def _corrupt(path: pathlib.Path) -> None:
+  """A truncated download: the image's first half."""
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
 
 
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
@@ -510,6 +525,27 @@ def test_bad_data_names_file_and_row_and_leaves_nothing(tmp_path, case):
   with pytest.raises((common.DataError, FileNotFoundError), match=message):
     load(name, tmp_path / "download", tmp_path / "tfds")
   assert not (tmp_path / "tfds").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda root: _corrupt(root / "happy" / "img1.png"), r"happy/img1\.png.*cannot decode"),
+    (lambda root: fixtures.write_image_folder(root, {"bored": 1}),
+     r"map\.json: no entry for class folders \['bored'\]"),
+])
+def test_bad_image_folder_names_the_file_and_a_rebuild_after_the_fix_works(
+    tmp_path, damage, message):
+  layout = {"angry": 2, "happy": 2}
+  fixtures.write_image_folder(tmp_path / "faces", layout)
+  fixtures.write_json(tmp_path / "map.json", {"angry": "anger", "happy": "happiness"})
+  damage(tmp_path / "faces")
+  fields = dict(dataset_name="faces", class_map=str(tmp_path / "map.json"), image_size=8)
+  with pytest.raises(common.DataError, match=message):
+    load("image_folder", tmp_path / "faces", tmp_path / "tfds", **fields)
+  assert not list((tmp_path / "tfds").rglob("*.array_record*"))
+  shutil.rmtree(tmp_path / "faces")
+  fixtures.write_image_folder(tmp_path / "faces", layout)
+  fixed = load("image_folder", tmp_path / "faces", tmp_path / "tfds", **fields)
+  assert len(fixed.split("train")) == 4
 
 
 def test_failed_build_keeps_other_datasets_and_loads_nothing(tmp_path):

@@ -15,23 +15,17 @@ import pytest
 from fer_jax import fit as fit_lib
 from fer_jax import steps
 from fer_jax import train
+from fer_jax import config_utils as cu
+from fer_jax.data import streaming
 from fer_jax.config_utils import ConfigError
-from helpers import data_of, tiny_config, untrained
+from helpers import data_of, restore_raw, tiny_config, untrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _restore_raw(directory):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  mgr = ocp.CheckpointManager(directory)
-  step = mgr.latest_step()
-  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  mgr.close()
-  return step, restored["state"]
-
-
-def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
-  config = tiny_config(steps_per_phase=6)
+def _straight_and_interrupted(config, tmp_path, monkeypatch):
+  """Runs ``config`` straight through, and again stopped in the student phase after
+  its step-3 checkpoint, then resumed; returns both workdirs."""
   config.student.checkpoint_every_steps = 3
   config.teacher.checkpoint_every_steps = 3
   straight = tmp_path / "straight"
@@ -55,22 +49,54 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(interrupted))
   monkeypatch.setattr(steps, "make_train_step", real_make)
-  step, _ = _restore_raw(interrupted / "student" / "checkpoints")
+  step, _ = restore_raw(interrupted / "student" / "checkpoints")
   assert step == 3
   train.train_and_evaluate(config, str(interrupted))
 
-  step_a, state_a = _restore_raw(straight / "student" / "checkpoints")
-  step_b, state_b = _restore_raw(interrupted / "student" / "checkpoints")
+  step_a, state_a = restore_raw(straight / "student" / "checkpoints")
+  step_b, state_b = restore_raw(interrupted / "student" / "checkpoints")
   assert step_a == step_b == 6
   chex.assert_trees_all_equal(state_a["params"], state_b["params"])
   chex.assert_trees_all_equal(state_a["opt_state"], state_b["opt_state"])
   results = json.loads((interrupted / "results.json").read_text())
   assert results == json.loads((straight / "results.json").read_text()) | {
       k: v for k, v in results.items() if k.endswith("train_seconds")}
+  return straight, interrupted, results
+
+
+def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
+  config = tiny_config(steps_per_phase=6)
+  _, interrupted, results = _straight_and_interrupted(config, tmp_path, monkeypatch)
   assert "student/test/accuracy" in results and "student/test_occluded_eyes/accuracy" in results
   # Each phase left a model directory holding its selected parameters.
   for phase in config.phases:
     assert (interrupted / phase / "model" / "model.json").is_file()
+
+
+@pytest.mark.slow  # builds a dataset and runs 3 times: 80 s
+def test_a_training_split_over_the_memory_limit_streams_and_resumes_exactly(
+    tmp_path, monkeypatch):
+  from test_data_builders import write_affectnet_download  # pylint: disable=g-import-not-at-top
+  write_affectnet_download(tmp_path / "download")
+  config = tiny_config(steps_per_phase=6)
+  config.data = cu.data_config("affectnet")
+  config.data.update(manual_dir=str(tmp_path / "download"), data_dir=str(tmp_path / "tfds"),
+                     occlusion_kinds=("eyes",), max_resident_mb=0.01)
+  config.data.image_size = 32
+  for phase in config.phases:
+    config[phase].batch_size = 8
+  loaded, starts = [], []
+  real_as_arrays, real_batches = train.as_arrays, streaming.batches
+  monkeypatch.setattr(train, "as_arrays", lambda split: loaded.append(len(split)) or
+                      real_as_arrays(split))
+  monkeypatch.setattr(streaming, "batches", lambda *args, **kwargs: starts.append(
+      kwargs["first_batch"]) or real_batches(*args, **kwargs))
+  _straight_and_interrupted(config, tmp_path, monkeypatch)
+  # 8 training faces (32x32x3, 24 KiB: over the limit) never loaded whole; the
+  # 16 validation faces were. Each phase streamed from its start; on resuming, the
+  # finished teacher from its end and the student from step 3.
+  assert set(loaded) == {16}
+  assert starts == [0, 0, 0, 0, 6, 3]
 
 
 def test_non_finite_loss_stops_with_diagnosis_and_keeps_checkpoint(tmp_path, monkeypatch):
@@ -103,7 +129,7 @@ def test_non_finite_loss_stops_with_diagnosis_and_keeps_checkpoint(tmp_path, mon
   message = str(err.value)
   assert "step 3" in message and "blowup=" in message and "ce=" in message
   assert "last good checkpoint is step 2" in message
-  step, state = _restore_raw(tmp_path / "teacher" / "checkpoints")
+  step, state = restore_raw(tmp_path / "teacher" / "checkpoints")
   assert step == 2
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
 

@@ -9,7 +9,8 @@ returned iterator is a ``grain.DatasetIterator``: ``get_state()`` /
 ``set_state()`` (or ``grain.checkpoint.CheckpointSave/Restore`` inside an Orbax
 ``CheckpointManager``) resume at the same batch.
 """
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Iterator
 
 import grain
 import jax
@@ -23,7 +24,7 @@ def batches(split: Split, *, global_batch_size: int, seed: int = 0,
             drop_remainder: bool = True,
             transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
             process_index: int | None = None, process_count: int | None = None,
-            read_options: grain.ReadOptions | None = None
+            read_options: grain.ReadOptions | None = None, first_batch: int = 0
             ) -> grain.DatasetIterator:
   """An iterator of this process's numpy batches of ``split``.
 
@@ -39,6 +40,8 @@ def batches(split: Split, *, global_batch_size: int, seed: int = 0,
     process_index: this process (default ``jax.process_index()``).
     process_count: number of processes (default ``jax.process_count()``).
     read_options: Grain prefetch threads and buffer.
+    first_batch: where to start; the order is a pure function of ``seed``, so
+      starting at batch ``k`` continues a run that stopped after ``k`` batches.
 
   Returns:
     A ``grain.DatasetIterator`` of dicts of stacked numpy arrays.
@@ -58,7 +61,7 @@ def batches(split: Split, *, global_batch_size: int, seed: int = 0,
     dataset = dataset.map(transform)
   dataset = dataset.batch(global_batch_size // process_count,
                           drop_remainder=drop_remainder)
-  return iter(dataset.to_iter_dataset(read_options))
+  return iter(dataset[first_batch:].to_iter_dataset(read_options))
 
 
 def to_global(batch, mesh: jax.sharding.Mesh,
@@ -72,3 +75,24 @@ def to_global(batch, mesh: jax.sharding.Mesh,
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       batch)
+
+
+def numeric_fields(record: dict[str, Any]) -> dict[str, np.ndarray]:
+  """A record's numeric fields, the ones that go to the accelerator (not names or paths)."""
+  record = {k: np.asarray(v) for k, v in record.items()}
+  return {k: v for k, v in record.items() if v.dtype.kind in "biuf"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStream:
+  """A training split streamed through Grain as global batches, one per step."""
+  split: Split
+  mesh: jax.sharding.Mesh
+  batch_size: int
+  seed: int
+
+  def from_step(self, step: int) -> Iterator[dict[str, jax.Array]]:
+    """The batches of steps ``step``, ``step + 1``, ...: the same whenever a run resumes."""
+    local = batches(self.split, global_batch_size=self.batch_size, seed=self.seed,
+                    transform=numeric_fields, first_batch=step)
+    return (to_global(batch, self.mesh) for batch in local)
