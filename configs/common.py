@@ -3,7 +3,8 @@
   smoke              a few steps per phase on a few dozen faces (tests, a first look)
   data=NAME          synthetic (default: the embedded faces), fer2013, ferplus, affectnet
   seed=N             the run's seed
-  tier=full|quick|cpu  on real data, the size of the models and recipe:
+  tier=auto|full|quick|cpu  on real data, the size of the models and recipe:
+                     ``auto`` (default): ``cpu`` when JAX runs on the CPU, else ``full``;
                      ``full``: the papers' sizes, for an accelerator;
                      ``quick``: the 2-core smoke budget of experiments/README.md (the
                      embedded default's small strided models, at most ``QUICK_EPOCHS``
@@ -18,13 +19,14 @@
                      for the phases that distil the 'teacher' phase, instead of training it
   name=NAME          the run's name (default: the config's)
 """
+import jax
 import ml_collections
 
 from fer_jax import config_utils as cu
 
-COMMON = dict(smoke=False, data="synthetic", seed=0, tier="full", epochs=0.0, steps=0,
+COMMON = dict(smoke=False, data="synthetic", seed=0, tier="auto", epochs=0.0, steps=0,
               teacher_checkpoint="", name="")
-TIERS = ("full", "quick", "cpu")
+TIERS = ("auto", "full", "quick", "cpu")
 QUICK_EPOCHS = 10
 # A MoCo step of ASDC's width-32 teacher encoder on two views costs 13 ms a
 # face on 2 cores (3.3 ms for the quick AFNet teacher): 10 epochs would take an hour.
@@ -42,13 +44,18 @@ def parse(arg: str | None, **own) -> ml_collections.ConfigDict:
 
 
 def tier(arg) -> str:
-  """The tier that applies: the embedded faces always take the small 'quick' models."""
-  return arg.tier if arg.data != "synthetic" else "quick"
+  """The tier that applies: the embedded faces always take the small 'quick' models;
+  ``auto`` is the CPU tier on a CPU-only machine and the papers' sizes elsewhere."""
+  if arg.data == "synthetic":
+    return "quick"
+  if arg.tier == "auto":
+    return "cpu" if jax.default_backend() == "cpu" else "full"
+  return arg.tier
 
 
 def finish(config: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
   """Applies the common arguments to a config built from the method's own."""
-  quick = arg.tier == "quick" and arg.data != "synthetic"
+  quick = tier(arg) == "quick" and arg.data != "synthetic"
   config.seed = arg.seed
   if arg.name:
     config.name = arg.name

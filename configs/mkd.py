@@ -122,7 +122,7 @@ def _student(arg, real: bool):
   if tier == "cpu":
     return cu.phase_config(
         "vgg_fer", CPU_STUDENT, distill_terms(arg.distill, arg.variant, SAME_STAGES),
-        epochs=30, batch_size=128, teacher=teacher, optimizer=CPU_OPTIMIZER)
+        epochs=15, batch_size=128, teacher=teacher, optimizer=CPU_OPTIMIZER)
   terms = distill_terms(arg.distill, arg.variant, THREE_STAGES)
   full_size = tier == "full"
   common_fields = dict(epochs=40 if real else 4, batch_size=128 if real else 64, teacher=teacher)
@@ -151,7 +151,7 @@ def get_config(arg=None):
   config.data = cu.data_config(arg.data, smoke=arg.smoke)
   config.augment = default_augment_config()
   if real:
-    config.augment.occlusion_prob = 0.25 if arg.tier == "cpu" else 0.3
+    config.augment.occlusion_prob = 0.25 if common.tier(arg) == "cpu" else 0.3
   else:
     # The embedded faces vary in pose, scale and position already; a few-minute
     # CPU run learns faster without the geometric jitter and random erasing.

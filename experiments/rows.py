@@ -48,7 +48,8 @@ def config_arg(dataset: str, arg: str | None) -> tuple[str, str]:
                      epochs=0.0, steps=0)
   module, own = cu.choose("row", arg.row, ROWS)
   fields = [f"data={dataset}", f"seed={arg.seed}", f"name={dataset}/{arg.row}", own,
-            "tier=quick" if arg.quick else "", f"epochs={arg.epochs}" if arg.epochs else "",
+            "tier=quick" if arg.quick else "tier=full",
+            f"epochs={arg.epochs}" if arg.epochs else "",
             f"steps={arg.steps}" if arg.steps else ""]
   if arg.teacher_checkpoint and reuses_teacher(arg.row):
     fields.append(f"teacher_checkpoint={arg.teacher_checkpoint}")

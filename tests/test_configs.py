@@ -94,12 +94,14 @@ def test_unknown_config_argument_is_named(name):
 def test_quick_tier_puts_the_embedded_defaults_models_on_real_data(name):
   module = load_module(name)
   embedded, real, real_cpu = (module.get_config(a) for a in
-                              (None, "data=fer2013", "data=fer2013,tier=quick"))
+                              (None, "data=fer2013,tier=full", "data=fer2013,tier=quick"))
   assert real_cpu.data.to_dict() == real.data.to_dict()
   students = [p for p in embedded.phases if p.startswith("student")]
+  without_va = lambda kwargs: {k: v for k, v in kwargs.to_dict().items() if k != "num_va"}
   for phase in students:
     assert real_cpu[phase].model == embedded[phase].model
-    assert real_cpu[phase].model_kwargs.to_dict() == embedded[phase].model_kwargs.to_dict()
+    # FER2013 has no valence/arousal labels: teacher_bounded's V/A heads are off there.
+    assert without_va(real_cpu[phase].model_kwargs) == without_va(embedded[phase].model_kwargs)
     assert real_cpu[phase].get("input_shape") == embedded[phase].get("input_shape")
   assert any(real[p].model_kwargs.to_dict() != embedded[p].model_kwargs.to_dict()
              or real[p].model != embedded[p].model for p in students)

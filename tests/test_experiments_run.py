@@ -38,3 +38,16 @@ def test_a_seed_added_later_keeps_the_first_seeds_wall_time_and_is_averaged(tmp_
   assert table["student_alone/cpu_images_per_second"] > 0
   assert "| student_alone (quick, CPU) |" in (out / "results.md").read_text()
   assert "seeds 0,1" in (out / "results.md").read_text()
+
+
+def test_occluder_box_on_the_attention_grid_is_the_covered_fraction():
+  from experiments import attention_mass  # pylint: disable=g-import-not-at-top
+  clean = np.zeros((2, 48, 48, 1), np.uint8)
+  occluded = clean.copy()
+  occluded[0, :16, :16] = 255  # exactly the top-left cell of a 3x3 grid
+  occluded[1, 8:24, 40:] = 9  # half of the top-right cell, half of the right-middle cell
+  box = np.asarray(attention_mass.box_on_grid(clean, occluded, (3, 3)))
+  expected = np.zeros((2, 3, 3))
+  expected[0, 0, 0] = 1.0
+  expected[1, 0, 2] = expected[1, 1, 2] = 0.5 * 0.5
+  np.testing.assert_allclose(box, expected)

