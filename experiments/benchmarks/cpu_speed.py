@@ -198,11 +198,12 @@ def worker(cfg: dict) -> dict:
 # --- driver -------------------------------------------------------------------------
 
 
-def measure(cfg: dict, xla_flags: str) -> dict:
-  """Runs one configuration in a fresh pinned process; returns its result dict."""
+def measure(cfg: dict, xla_flags: str, script: str = __file__) -> dict:
+  """Runs one configuration in a fresh pinned process of ``script --worker``; returns its
+  result dict."""
   env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu",
              OMP_NUM_THREADS=str(len(cfg["cpus"])))
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
+  proc = subprocess.run([sys.executable, os.path.abspath(script), "--worker", json.dumps(cfg)],
                         env=env, capture_output=True, text=True, check=False)
   lines = proc.stdout.strip().splitlines()
   # The 1-minute load average just after the run, a record of competing work.

@@ -57,7 +57,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -268,19 +267,6 @@ def worker(cfg: dict) -> dict:
 # --- driver -----------------------------------------------------------------------
 
 
-def measure(cfg: dict, xla_flags: str) -> dict:
-  """One (case, implementation) in a fresh pinned process; its result and the load after."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu",
-             OMP_NUM_THREADS=str(len(cfg["cpus"])))
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(cfg)],
-                        env=env, capture_output=True, text=True, check=False)
-  lines = proc.stdout.strip().splitlines()
-  load = {"load": os.getloadavg()[0]}
-  if proc.returncode != 0 or not lines:
-    return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200], **load}
-  return {**json.loads(lines[-1]), **load}
-
-
 def case_rows(case: str, results: dict, batch: int) -> list[dict]:
   """The JSON rows of one case; fer_jax's carries its speed-up over each torch mode."""
   rows = []
@@ -381,7 +367,8 @@ def main():
   for case in args.cases:
     base = {"case": case, "cpus": cpus, "batch": args.batch, "steps": args.steps,
             "warmup": args.warmup, "train_size": args.train_size}
-    by_impl = {impl: measure(dict(base, impl=impl), args.xla_flags) for impl in args.impls}
+    by_impl = {impl: cpu_speed.measure(dict(base, impl=impl), args.xla_flags, __file__)
+               for impl in args.impls}
     loads += [r["load"] for r in by_impl.values()]
     results += by_impl.values()
     for row in case_rows(case, by_impl, args.batch):
