@@ -33,6 +33,10 @@ Arguments (besides configs/common.py's):
       the student alone, without a teacher phase).
   teacher=afnet|no_fpn|no_regions|no_channel_mask  the teacher and its ablations.
   teacher_only  train and report the teacher phase alone.
+  votes  (data=ferplus) the teacher learns the FER+ vote distributions, the FER+
+      paper's best mode: the train split's ``crossentropy`` labels (votes over the 8
+      emotions, renormalised) with a soft-target cross-entropy; selection and test
+      stay on majority labels.
   student=mobilenet_v2|efficientformer_l1  the student (efficientformer_l1 with
       distill=hinton is the classification half of teacher-bounded KD, ``tb_cls``).
 Smoke test (a few steps): --config=configs/mkd.py:smoke
@@ -94,8 +98,9 @@ def distill_terms(distill: str, variant: str, pairs) -> dict:
 
 def _teacher(arg, real: bool):
   model_kwargs, removed = cu.choose("teacher", arg.teacher, TEACHERS)
-  terms = {"ce": dict(weight=1.0, label_smoothing=0.1),
-           "region": dict(kind="aux_loss", weight=0.1, key="region_loss")}
+  # Vote distributions are soft already: no label smoothing on top.
+  ce = dict(weight=1.0, soft=arg.votes, label_smoothing=0.0 if arg.votes else 0.1)
+  terms = {"ce": ce, "region": dict(kind="aux_loss", weight=0.1, key="region_loss")}
   terms = {k: v for k, v in terms.items() if k not in removed}
   tier = common.tier(arg)
   if tier == "cpu":
@@ -144,11 +149,15 @@ def _student(arg, real: bool):
 
 def get_config(arg=None):
   arg = common.parse(arg, variant="standardized", distill="mkd", teacher="afnet",
-                     teacher_only=False, student="mobilenet_v2")
+                     teacher_only=False, student="mobilenet_v2", votes=False)
+  if arg.votes and arg.data != "ferplus":
+    raise cu.ConfigError(f"votes: the vote distributions are FER+'s; got data={arg.data}")
   real = arg.data != "synthetic"
   config = ml_collections.ConfigDict()
   config.name = "mkd"
   config.data = cu.data_config(arg.data, smoke=arg.smoke)
+  if arg.votes:
+    config.data.label_mode = "crossentropy"
   config.augment = default_augment_config()
   if real:
     config.augment.occlusion_prob = 0.25 if common.tier(arg) == "cpu" else 0.3

@@ -17,6 +17,7 @@ mkd, teacher_bounded, asdc, baseline_student, baseline_hinton, baseline_at and
 baseline_fitnets. The default run keeps the config-argument checks.
 """
 import importlib.util
+import dataclasses
 import json
 import math
 import pathlib
@@ -317,6 +318,23 @@ def test_teacher_bounded_without_valence_arousal_is_classification_kd(data):
   with_va.unlock().data = data_cfg
   with pytest.raises(ConfigError, match="valence"):
     train.setup_phases(with_va, data_info, train.make_mesh())
+
+
+def test_ferplus_vote_teacher_learns_the_vote_distributions():
+  config = load_config("mkd", "data=ferplus,votes,teacher_only")
+  assert config.data.label_mode == "crossentropy"
+  assert config.teacher.terms.ce.soft and config.teacher.terms.ce.label_smoothing == 0.0
+  with pytest.raises(ConfigError, match="votes"):
+    load_module("mkd").get_config("data=fer2013,votes")
+  # The soft cross-entropy reads the vote distribution: set up against data with one,
+  # refused before compiling against data without.
+  data_cfg, data_info = _data_without_valence_arousal()
+  config.unlock().data = data_cfg
+  votes = dataclasses.replace(data_info, fields={
+      **data_info.fields, "soft_label": jax.ShapeDtypeStruct((7,), np.float32)})
+  assert set(train.setup_phases(config, votes, train.make_mesh())) == {"teacher"}
+  with pytest.raises(ConfigError, match="soft_label"):
+    train.setup_phases(config, data_info, train.make_mesh())
 
 
 @pytest.mark.slow
