@@ -7,6 +7,8 @@ nothing is retrained. The `fer` package's row comes from
 experiments/fer_package/results.json.
 
   python -m experiments.cpu_tier --runs=~/fer_runs --out=experiments/fer2013_cpu/results.md
+
+also draws accuracy against MACs beside it (accuracy_vs_macs.png).
 """
 import json
 import pathlib
@@ -23,7 +25,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 MAIN = "python -m fer_jax.main --config=configs/mkd.py:data=fer2013,tier=cpu"
 # row -> (run directory, phase, command)
 ROWS = {
-    "AFNet teacher (VGG-16 backbone)": (
+    "AFNet teacher (VGG width 16)": (
         "teacher_vgg16", "teacher", f"{MAIN},teacher_only"),
     "student alone": (
         "student_vgg8_e15", "student",
@@ -68,6 +70,22 @@ def render(rows: dict[str, dict], commands: dict[str, str]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def plot_accuracy_against_macs(rows: dict[str, dict], path: pathlib.Path) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, r in rows.items():
+    ax.scatter(r["macs"] / 1e6, 100 * r["private_test/accuracy"])
+    ax.annotate(name, (r["macs"] / 1e6, 100 * r["private_test/accuracy"]), fontsize=7,
+                xytext=(4, 2), textcoords="offset points")
+  ax.set(xscale="log", xlabel="MMACs per 48x48 face (log)", ylabel="FER2013 PrivateTest %",
+         title="CPU tier: accuracy against cost")
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
 def main(argv):
   del argv
   runs = pathlib.Path(_RUNS.value).expanduser()
@@ -80,7 +98,9 @@ def main(argv):
   text = render(rows, commands)
   print(text)
   if _OUT.value:
-    pathlib.Path(_OUT.value).write_text(text)
+    out = pathlib.Path(_OUT.value)
+    out.write_text(text)
+    plot_accuracy_against_macs(rows, out.parent / "accuracy_vs_macs.png")
 
 
 if __name__ == "__main__":
