@@ -142,8 +142,9 @@ def fit(program: phase_lib.PhaseProgram, spec: steps.StepSpec, state, train_data
         validate: Callable[[dict, int], float] | None) -> FitResult:
   """Trains ``state`` to ``program.total_steps``; returns the selected variables.
 
-  ``validate(variables, step)`` scores parameters for best-so-far selection
-  (None: the last parameters are the result).
+  ``train_data`` is the device-resident training set, or a ``streaming.TrainStream``
+  when ``spec.device_resident`` is False. ``validate(variables, step)`` scores
+  parameters for best-so-far selection (None: the last parameters are the result).
   """
   loop = _Loop(program, workdir, writer)
   state, progress = loop.resume(state)
