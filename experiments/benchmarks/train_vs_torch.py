@@ -17,7 +17,8 @@ FER2013's 28709 by default, so the in-step shuffle costs the same).
 * **fer_jax**: the trainer's own jitted step, timed by
   ``train_step.time_phase``: compile, one warm-up step, then ``--steps`` steps.
   The step also draws its batch from the device-resident set and augments it
-  (affine, erasing, occlusion), work the twins do not do.
+  (affine, erasing, occlusion), work the twins do not do;
+  **fer_jax_no_augment** is the same step with augmentation off.
 * **torch_fp32** / **torch_bf16**: eager PyTorch with the twins of
   ``torch_twins.py`` (VGGFer, AFNet, MultiLayerKD; same layers, widths and
   parameter counts) doing the same loss terms and weights, SGD with Nesterov
@@ -73,7 +74,11 @@ CASES = {
     "teacher": ("data=fer2013,tier=cpu,teacher_only", "teacher"),
     "student": ("data=fer2013,tier=cpu", "student"),
 }
-IMPLS = ("fer_jax", "torch_fp32", "torch_bf16")
+IMPLS = ("fer_jax", "fer_jax_no_augment", "torch_fp32", "torch_bf16")
+# The config's augmentation switched off: the same work as the twins' steps, and
+# the share of fer_jax's step that augmentation takes.
+NO_AUGMENT = dict(flip=False, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), rotation_deg=0.0,
+                  erase_prob=0.0, occlusion_prob=0.0)
 FER2013_TRAIN_SIZE = 28709
 IMAGE_SHAPE = (48, 48, 1)  # FER2013's and the synthetic faces'
 SMOKE = {"batch": 16, "steps": 2, "warmup": 1, "train_size": 256}
@@ -123,6 +128,8 @@ def run_fer_jax(cfg: dict) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import train_step  # pylint: disable=import-outside-toplevel
   config, phase = case_config(cfg["case"], cfg["batch"], cfg["train_size"])
+  if cfg["impl"] == "fer_jax_no_augment":
+    config.augment.update(NO_AUGMENT)
   timing = train_step.time_phase(config, phase, cfg["steps"])
   return {"step_s": timing["step_s"], "spread_s": timing["spread_s"],
           "compile_s": timing["compile_s"], **jax_param_counts(config, phase),
@@ -261,7 +268,7 @@ def run_torch(cfg: dict) -> dict:
 
 def worker(cfg: dict) -> dict:
   os.sched_setaffinity(0, cfg["cpus"])  # before jax loads: XLA sizes its pool from it
-  return run_fer_jax(cfg) if cfg["impl"] == "fer_jax" else run_torch(cfg)
+  return run_fer_jax(cfg) if cfg["impl"].startswith("fer_jax") else run_torch(cfg)
 
 
 # --- driver -----------------------------------------------------------------------
@@ -280,23 +287,26 @@ def case_rows(case: str, results: dict, batch: int) -> list[dict]:
                **{k: r[k] for k in ("params", "objective_params", "teacher_params")})
     row.update({k: round(r[k], 2) for k in ("compile_s", "first_call_s") if k in r})
     rows.append(row)
-  jax_row = next((r for r in rows if r["impl"] == "fer_jax" and "img_per_s" in r), None)
-  for other in rows:
-    if jax_row is not None and other is not jax_row and "img_per_s" in other:
+  timed = [r for r in rows if "img_per_s" in r]
+  for jax_row in (r for r in timed if r["impl"].startswith("fer_jax")):
+    for other in (r for r in timed if r["impl"].startswith("torch")):
       jax_row[f"vs_{other['impl']}"] = round(jax_row["img_per_s"] / other["img_per_s"], 2)
   return rows
 
 
 def table(rows: list[dict]) -> list[str]:
   lines = [("| case | implementation | params: model / loss terms / teacher "
-            "| step ms (median ± half range) | img/s | fer_jax ÷ this |"),
+            "| step ms (median ± half range) | img/s | fer_jax ÷ this "
+            "(without augmentation) |"),
            "|---|---|---|---|---|---|"]
   for r in rows:
     if "error" in r:
       lines.append(f"| {r['case']} | {r['impl']} | | error: {r['error']} | | |")
       continue
-    jax_row = next((j for j in rows if j["case"] == r["case"] and j["impl"] == "fer_jax"), {})
-    ratio = jax_row.get(f"vs_{r['impl']}", "")
+    ratios = [j.get(f"vs_{r['impl']}") for impl in ("fer_jax", "fer_jax_no_augment")
+              for j in rows if j["case"] == r["case"] and j["impl"] == impl]
+    ratio = (f"{ratios[0]}" + (f" ({ratios[1]})" if len(ratios) > 1 and ratios[1] else "")
+             if ratios and ratios[0] else "")
     params = f"{r['params']:,} / {r['objective_params']:,} / {r['teacher_params']:,}"
     lines.append(f"| {r['case']} | {r['impl']} | {params} | {r['step_ms']:.1f} ± "
                  f"{r['spread_ms']:.1f} | {r['img_per_s']:.0f} | {ratio} |")
@@ -320,8 +330,9 @@ def header(args, cpus: list[int], loads: list[float], results: list[dict]) -> li
       (f"* batch {args.batch}; {args.steps} timed steps after the warm-up (fer_jax: the "
        f"compile and 1 step; PyTorch: {args.warmup} step(s)); {args.train_size} resident "
        "48x48x1 images (fer_jax: the synthetic faces; PyTorch: random uint8)"),
-      ("* fer_jax's step also augments its batch on the device (affine, erasing, "
-       "occlusion); the PyTorch steps only sample and normalise theirs"),
+      ("* `fer_jax` is the config's step, which also augments its batch on the device "
+       "(flip, affine, erasing, occlusion); `fer_jax_no_augment` is the same step with "
+       "augmentation off, the twins' work (they only sample and normalise)"),
       (f"* load average (1 min): {loads[0]:.1f} before, {loads[-1]:.1f} after "
        f"(range over the runs {min(loads):.1f} to {max(loads):.1f})"),
   ]
