@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import mkd
 from fer_jax import models
 from fer_jax.models import efficientformer
 from fer_jax.models import layers
@@ -265,6 +266,9 @@ TWIN_CASES = [
     ("mobilenet_v2", dict(width=0.35, stem="small"), dict(width=0.35, stem="small"), (40, 40, 1)),
     ("efficientformer_l1", dict(stem="small"), dict(stem="small"), (24, 24, 1)),
     ("mobilefacenet", {}, {}, (48, 48, 3)),
+    # The CPU tier's student and teacher (configs/mkd.py), the twins of train_vs_torch.py.
+    ("vgg_fer", mkd.CPU_STUDENT, mkd.CPU_STUDENT, (48, 48, 1)),
+    ("afnet", mkd.CPU_TEACHER, mkd.CPU_TEACHER, (48, 48, 1)),
 ]
 
 
