@@ -130,11 +130,7 @@ def main():
       f"* batch {args.batch}, median of {args.calls} calls after 2 warm-up calls; "
       f"load average {loads[0]:.1f} before, {loads[-1]:.1f} after",
   ]
-  text = "\n".join([*header, "", *table(rows)]) + "\n"
-  print(text)
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
-      f.write(text)
+  cpu_speed.emit([*header, "", *table(rows)], args.out)
 
 
 if __name__ == "__main__":

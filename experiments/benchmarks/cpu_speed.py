@@ -355,10 +355,15 @@ def main():
   lines = [*_header(args, cpus, results + explore_results, started), "", *table]
   if explore:
     lines += ["", "## XLA flag sets", "", *explore]
+  emit(lines, args.out)
+
+
+def emit(lines: list[str], out: str | None) -> None:
+  """Prints a benchmark's markdown report and writes it to ``out`` if given."""
   text = "\n".join(lines) + "\n"
   print(text)
-  if args.out:
-    with open(args.out, "w", encoding="utf-8") as f:
+  if out:
+    with open(out, "w", encoding="utf-8") as f:
       f.write(text)
 
 

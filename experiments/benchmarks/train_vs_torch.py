@@ -386,10 +386,7 @@ def main():
       print(json.dumps(row), flush=True)
       rows.append(row)
   loads.append(os.getloadavg()[0])
-  if args.out:
-    text = "\n".join([*header(args, cpus, loads, results), "", *table(rows)]) + "\n"
-    with open(args.out, "w", encoding="utf-8") as f:
-      f.write(text)
+  cpu_speed.emit([*header(args, cpus, loads, results), "", *table(rows)], args.out)
 
 
 if __name__ == "__main__":
