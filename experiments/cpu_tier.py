@@ -34,6 +34,12 @@ ROWS = {
                   f"{MAIN},distill=hinton,teacher_checkpoint=TEACHER"),
     "MKD (standardised)": ("student_mkd", "student",
                            f"{MAIN},distill=mkd,teacher_checkpoint=TEACHER"),
+    # Second seeds of the student (the teacher stays seed 0's).
+    "student alone, seed 1": (
+        "student_none_s1", "student",
+        f"{MAIN},distill=none,seed=1 --config.student.terms.ce.label_smoothing=0.1"),
+    "Hinton KD, seed 1": ("student_hinton_s1", "student",
+                          f"{MAIN},distill=hinton,seed=1,teacher_checkpoint=TEACHER"),
 }
 COLUMNS = ("private_test/accuracy", "private_test/flip_accuracy", "public_test/accuracy",
            "private_test_occluded/accuracy", "private_test/mean_class_accuracy")
