@@ -9,7 +9,7 @@ occlusions.
 
 Embedded default dataset (no download), 2 CPU cores:
   python -m fer_jax.main --config=configs/mkd.py
-  measured (idle 2-core Intel Xeon, 4 min 9 s wall, 2026-12-02): teacher/test/accuracy
+  measured (idle 2-core Intel Xeon, 3 min 36 s wall, 2026-12-02): teacher/test/accuracy
   0.969, student/test/accuracy 0.902, student/test_occluded/accuracy 0.555
   (``variant=raw``: student 0.911, occluded 0.515, in an earlier session).
 FER2013 (built from ../shared/data or your download on first use):
