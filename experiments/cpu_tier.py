@@ -23,24 +23,23 @@ _RUNS = flags.DEFINE_string("runs", "~/fer_runs", "Folder of the run directories
 _OUT = flags.DEFINE_string("out", "", "Markdown file to write.")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAIN = "python -m fer_jax.main --config=configs/mkd.py:data=fer2013,tier=cpu"
+SMOOTHING = " --config.student.terms.ce.label_smoothing=0.1"
 # row -> (run directory, phase, command)
 ROWS = {
-    "AFNet teacher (VGG width 16)": (
-        "teacher_vgg16", "teacher", f"{MAIN},teacher_only"),
-    "student alone": (
-        "student_vgg8_e15", "student",
-        f"{MAIN},distill=none --config.student.terms.ce.label_smoothing=0.1"),
+    "AFNet teacher (VGG width 16)": ("teacher_vgg16", "teacher", f"{MAIN},teacher_only"),
+    "student alone": ("student_vgg8_e15", "student", f"{MAIN},distill=none{SMOOTHING}"),
     "Hinton KD": ("student_hinton", "student",
                   f"{MAIN},distill=hinton,teacher_checkpoint=TEACHER"),
     "MKD (standardised)": ("student_mkd", "student",
                            f"{MAIN},distill=mkd,teacher_checkpoint=TEACHER"),
-    # Second seeds of the student (the teacher stays seed 0's).
-    "student alone, seed 1": (
-        "student_none_s1", "student",
-        f"{MAIN},distill=none,seed=1 --config.student.terms.ce.label_smoothing=0.1"),
-    "Hinton KD, seed 1": ("student_hinton_s1", "student",
-                          f"{MAIN},distill=hinton,seed=1,teacher_checkpoint=TEACHER"),
 }
+# More seeds of the student (the teacher stays seed 0's).
+for _seed in (1, 2):
+  ROWS[f"student alone, seed {_seed}"] = (
+      f"student_none_s{_seed}", "student", f"{MAIN},distill=none,seed={_seed}{SMOOTHING}")
+  ROWS[f"Hinton KD, seed {_seed}"] = (
+      f"student_hinton_s{_seed}", "student",
+      f"{MAIN},distill=hinton,seed={_seed},teacher_checkpoint=TEACHER")
 COLUMNS = ("private_test/accuracy", "private_test/flip_accuracy", "public_test/accuracy",
            "private_test_occluded/accuracy", "private_test/mean_class_accuracy")
 
