@@ -70,7 +70,8 @@ def main(argv):
   _, arrays = train.load_data(data_cfg)
   test = arrays[data_cfg.test_split]
   table = {kind: measure(model, test["image"], test["index"], kind) for kind in KINDS}
-  text = json.dumps({"model": _MODEL.value, "split": data_cfg.test_split, **table}, indent=1)
+  text = json.dumps({"model": model.model, "model_kwargs": model.model_kwargs,
+                     "split": data_cfg.test_split, **table}, indent=1)
   print(text)
   if _OUT.value:
     pathlib.Path(_OUT.value).write_text(text + "\n")

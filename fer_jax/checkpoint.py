@@ -87,9 +87,10 @@ class Checkpoints:
                              type(e).__name__, str(e).splitlines()[0] if str(e) else "",
                              steps[i + 1])
         continue
-      for damaged in steps[:i] if jax.process_index() == 0 else ():
-        os.replace(self.directory / str(damaged), self.directory / f"damaged-{damaged}")
-      self._manager.reload()
+      if i:
+        for damaged in steps[:i] if jax.process_index() == 0 else ():
+          os.replace(self.directory / str(damaged), self.directory / f"damaged-{damaged}")
+        self._manager.reload()
       return step, state, meta
     return None
 

@@ -59,6 +59,7 @@ def load_data(data_cfg):
   training split over ``data_cfg.max_resident_mb``: that one stays a random-access
   split, and streams (``fer_jax.data.streaming``)."""
   dataset = DATASETS.get(data_cfg.name)(data_cfg)
+  # Only numeric fields go to the accelerator (names and paths stay behind).
   arrays = {}
   for name in {data_cfg.train_split, data_cfg.eval_split, data_cfg.test_split,
                *data_cfg.extra_test_splits}:
@@ -66,7 +67,7 @@ def load_data(data_cfg):
     if name == data_cfg.train_split and not _fits_in_memory(split, data_cfg.max_resident_mb):
       arrays[name] = split
       continue
-    a = {k: v for k, v in as_arrays(split).items() if v.dtype.kind in "biuf"}
+    a = streaming.numeric_fields(as_arrays(split))
     # The occlusion protocol keys each test image by its source row; a layout
     # without one (Kaggle folders: -1) falls back to the position in the split.
     if "index" not in a or np.any(a["index"] < 0):

@@ -84,6 +84,16 @@ def faces(cfg: dict, count: int, shape):
   return np.random.default_rng(0).integers(0, 256, (count, *shape), np.uint8)
 
 
+def _call_seconds(call, arg, calls: int) -> list[float]:
+  """The wall time of each of ``calls`` calls of ``call(arg)``."""
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    call(arg)
+    times.append(time.perf_counter() - start)
+  return times
+
+
 def timed(call, single, batch, cfg: dict, call_batch=None) -> dict:
   """Latency of ``call(single)`` and throughput of ``call_batch(batch)`` (default ``call``)."""
   call_batch = call_batch or call
@@ -93,18 +103,10 @@ def timed(call, single, batch, cfg: dict, call_batch=None) -> dict:
   first = time.perf_counter() - start
   for _ in range(cfg["warmup"]):
     call(single)
-  latencies = []
-  for _ in range(cfg["latency_calls"]):
-    start = time.perf_counter()
-    call(single)
-    latencies.append(time.perf_counter() - start)
+  latencies = _call_seconds(call, single, cfg["latency_calls"])
   call_batch(batch)
   call_batch(batch)
-  batch_times = []
-  for _ in range(cfg["batch_calls"]):
-    start = time.perf_counter()
-    call_batch(batch)
-    batch_times.append(time.perf_counter() - start)
+  batch_times = _call_seconds(call_batch, batch, cfg["batch_calls"])
   latencies = np.array(latencies) * 1e3
   return {"first_call_s": round(first, 3),
           "latency_ms_median": round(float(np.median(latencies)), 4),
