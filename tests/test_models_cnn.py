@@ -10,13 +10,14 @@ import functools
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fer_jax import models
-from fer_jax.models import resnet
+from fer_jax.models import layers, resnet
 
 NUM_CLASSES = 7
 NUM_VA = 2
@@ -397,3 +398,95 @@ def test_mini_xception_matches_keras_layout_in_torch():
   torch_logits = ref.conv(y, "classifier").mean(dim=(2, 3))
   torch_va = ref.linear(y.mean(dim=(2, 3)), "va_head")
   _assert_close((logits, aux["va"]), (torch_logits, torch_va))
+
+
+# --- The CPU form of dense convolutions ------------------------------------------
+
+
+def _numpy_kernel_grad(x, grad_out, k):
+  """dL/dW[i, j, c, f] = sum over images and output pixels of x_pad * dL/dy."""
+  pad = k // 2
+  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).astype(np.float64)
+  height, width = grad_out.shape[1:3]
+  return np.stack([np.stack([
+      np.einsum("nhwc,nhwf->cf", x[:, i:i + height, j:j + width], grad_out)
+      for j in range(k)]) for i in range(k)])
+
+
+@pytest.mark.parametrize("batch,k,chunk_bytes", [
+    (6, 3, layers.PATCH_CHUNK_BYTES),  # one chunk of 2 images
+    (5, 3, 1),                         # odd batch: one image a chunk
+    (8, 5, 4 * 10 * 10 * 25 * 3 * 2),  # 5x5, two images a chunk, four chunks
+])
+def test_patch_grad_conv_equals_lax_in_value_and_gradients(monkeypatch, batch, k, chunk_bytes):
+  monkeypatch.setattr(layers, "PATCH_CHUNK_BYTES", chunk_bytes)
+  keys = jax.random.split(KEY, 3)
+  x = jax.random.normal(keys[0], (batch, 10, 10, 3))
+  kernel = jax.random.normal(keys[1], (k, k, 3, 4))
+  weights = jax.random.normal(keys[2], (batch, 10, 10, 4))
+  padding = ((k // 2, k // 2),) * 2
+  lax_conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  patch_conv = lambda x, w: layers.patch_grad_conv(x, w, padding)
+  loss = lambda conv: lambda x, w: jnp.sum(conv(x, w) * weights)
+  np.testing.assert_allclose(patch_conv(x, kernel), lax_conv(x, kernel), rtol=1e-5, atol=1e-5)
+  ours = jax.jit(jax.grad(loss(patch_conv), argnums=(0, 1)))(x, kernel)
+  reference = jax.grad(loss(lax_conv), argnums=(0, 1))(x, kernel)
+  np.testing.assert_allclose(ours[0], reference[0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(ours[1], _numpy_kernel_grad(np.asarray(x), np.asarray(weights), k),
+                             rtol=1e-4, atol=1e-3)
+
+
+def _custom_vjp_count(fn, *args) -> int:
+  return sum(1 for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns
+             if eqn.primitive.name.startswith("custom_vjp"))
+
+
+def test_conv_takes_the_patch_form_on_cpu_only_where_it_applies_and_force_overrides():
+  x = jnp.ones((2, 8, 8, 3))
+  same = layers.Conv(4, 3)
+  strided = layers.Conv(4, 3, strides=2)
+  variables = same.init(KEY, x)
+  chex.assert_trees_all_equal_shapes(variables, nn.Conv(4, (3, 3)).init(KEY, x))
+  assert layers.resolve_conv_impl("auto") == "patch_grad"
+  assert _custom_vjp_count(same.apply, variables, x) == 1
+  assert _custom_vjp_count(strided.apply, variables, x) == 0
+  assert _custom_vjp_count(layers.Conv(4, 3, impl="native").apply, variables, x) == 0
+  with layers.force_layer_forms("native"):
+    assert _custom_vjp_count(same.apply, variables, x) == 0
+  with layers.force_layer_forms("cpu"):
+    assert _custom_vjp_count(layers.Conv(4, 3, impl="native").apply, variables, x) == 1
+  with pytest.raises(ValueError, match="Conv.impl"):
+    layers.Conv(4, 3, impl="im2col").init(KEY, x)
+
+
+def test_vgg_gradients_are_the_same_in_both_conv_forms():
+  model = models.build("vgg_fer", num_classes=NUM_CLASSES, width=4, fc_width=0)
+  x = jax.random.normal(KEY, (4, 48, 48, 1))
+  variables = model.init(KEY, x)
+
+  def grads():
+    loss = lambda params: jnp.sum(model.apply({**variables, "params": params}, x)[0] ** 2)
+    return jax.jit(jax.grad(loss))(variables["params"])
+
+  with layers.force_layer_forms("cpu"):
+    cpu_form = grads()
+  with layers.force_layer_forms("native"):
+    lax_form = grads()
+  chex.assert_trees_all_close(cpu_form, lax_form, rtol=1e-4, atol=1e-5)
+
+
+def test_max_pool2_cpu_form_equals_lax_pooling_in_value_and_gradient():
+  # Odd sides: the trailing row and column are dropped in both forms.
+  x = jax.random.normal(KEY, (2, 9, 7, 3))
+  weights = jax.random.normal(jax.random.key(3), (2, 4, 3, 3))
+  loss = lambda x: jnp.sum(layers.max_pool2(x) * weights)
+  with layers.force_layer_forms("cpu"):
+    cpu_value, cpu_grad = jax.value_and_grad(loss)(x)
+    assert "select_and_scatter_add" not in str(jax.make_jaxpr(jax.grad(loss))(x))
+  with layers.force_layer_forms("native"):
+    lax_value, lax_grad = jax.value_and_grad(loss)(x)
+  np.testing.assert_allclose(cpu_value, lax_value, rtol=1e-6)
+  np.testing.assert_allclose(cpu_grad, lax_grad, rtol=1e-6)
+  np.testing.assert_array_equal(  # the window maxima, by numpy
+      layers.max_pool2(x), np.asarray(x)[:, :8, :6].reshape(2, 4, 2, 3, 2, 3).max(axis=(2, 4)))

@@ -114,7 +114,7 @@ def test_auto_is_shifted_on_cpu_and_force_switch_overrides():
   variables = conv.init(jax.random.key(0), x)
   assert layers.resolve_depthwise_impl("auto") == "shifted"
   assert _grouped_conv_count(conv.apply, variables, x) == 0
-  with layers.force_depthwise_impl("native"):
+  with layers.force_layer_forms("native"):
     assert layers.resolve_depthwise_impl("shifted") == "native"
     assert _grouped_conv_count(conv.apply, variables, x) == 1
   assert _grouped_conv_count(conv.apply, variables, x) == 0
@@ -126,8 +126,8 @@ def test_depthwise_rejects_bad_fields_by_name(bad):
   field = next(iter(bad))
   with pytest.raises(ValueError, match=f"DepthwiseConv.{field}"):
     layers.DepthwiseConv(**bad).init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))
-  with pytest.raises(ValueError, match="force_depthwise_impl"):
-    with layers.force_depthwise_impl("auto"):
+  with pytest.raises(ValueError, match="force_layer_forms"):
+    with layers.force_layer_forms("auto"):
       pass
 
 

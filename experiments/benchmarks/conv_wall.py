@@ -3,7 +3,9 @@
 For each 3x3 convolution shape of the CPU tier's VGG nets (configs/mkd.py: the
 teacher at width 16, the student at width 8; batch 128, 48 px faces), time the
 forward pass and the forward + backward pass (gradients for input and kernel),
-in XLA:CPU (``jax.lax.conv_general_dilated``, NHWC, jitted) and in PyTorch fp32
+in XLA:CPU (``jax.lax.conv_general_dilated``, NHWC, jitted; and
+``fer_jax.models.layers.patch_grad_conv``, the same convolution with the CPU
+form's kernel gradient) and in PyTorch fp32
 eager (NCHW and channels_last), each in a fresh process pinned to the same
 CPUs. Prints one JSON line per (shape, implementation) and, with ``--out``, a
 markdown table.
@@ -12,6 +14,7 @@ markdown table.
 """
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -26,7 +29,7 @@ SHAPES = [(f"{net} stage{i + 1} conv{j + 1}", 48 >> i, cin, width << i)
           for net, width in (("teacher", 16), ("student", 8))
           for i in range(4) for j, cin in enumerate(
               ((1 if i == 0 else width << (i - 1)), width << i))]
-IMPLS = ("jax", "torch_nchw", "torch_channels_last")
+IMPLS = ("jax", "jax_patch_grad", "torch_nchw", "torch_channels_last")
 
 
 def _median_ms(fn, calls: int) -> float:
@@ -46,8 +49,12 @@ def run_jax(cfg: dict) -> dict:
   size, cin, cout, batch = cfg["size"], cfg["cin"], cfg["cout"], cfg["batch"]
   x = jnp.ones((batch, size, size, cin), jnp.float32)
   w = jnp.ones((3, 3, cin, cout), jnp.float32) * 0.01
-  conv = lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  from fer_jax.models import layers  # pylint: disable=import-outside-toplevel
+  padding = ((1, 1), (1, 1))
+  conv = (functools.partial(layers.patch_grad_conv, padding=padding)
+          if cfg["impl"] == "jax_patch_grad" else
+          lambda x, w: jax.lax.conv_general_dilated(
+              x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))
   forward = jax.jit(conv)
   both = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
   return {"forward_ms": _median_ms(lambda: forward(x, w).block_until_ready(), cfg["calls"]),
@@ -75,7 +82,7 @@ def run_torch(cfg: dict) -> dict:
 
 def worker(cfg: dict) -> dict:
   os.sched_setaffinity(0, cfg["cpus"])
-  return run_jax(cfg) if cfg["impl"] == "jax" else run_torch(cfg)
+  return run_jax(cfg) if cfg["impl"].startswith("jax") else run_torch(cfg)
 
 
 def rows_for(shape, args, cpus) -> list[dict]:
@@ -93,17 +100,19 @@ def rows_for(shape, args, cpus) -> list[dict]:
 
 
 def table(rows: list[dict]) -> list[str]:
-  lines = ["| layer | shape | XLA fwd ms | XLA fwd+bwd ms | torch fwd+bwd ms (NCHW / "
-           "channels_last) | XLA ÷ best torch, fwd+bwd |", "|---|---|---|---|---|---|"]
+  lines = ["| layer | shape | XLA fwd ms | XLA fwd+bwd ms: lax / patch kernel gradient | "
+           "torch fwd+bwd ms (NCHW / channels_last) | XLA ÷ best torch, fwd+bwd: lax / patch |",
+           "|---|---|---|---|---|---|"]
   for i in range(0, len(rows), len(IMPLS)):
-    jax_row, nchw, last = rows[i:i + len(IMPLS)]
-    if any("error" in r for r in (jax_row, nchw, last)):
-      lines.append(f"| {jax_row['layer']} | {jax_row['shape']} | error | | | |")
+    lax_row, patch, nchw, last = rows[i:i + len(IMPLS)]
+    if any("error" in r for r in (lax_row, patch, nchw, last)):
+      lines.append(f"| {lax_row['layer']} | {lax_row['shape']} | error | | | |")
       continue
     best = min(nchw["train_ms"], last["train_ms"])
-    lines.append(f"| {jax_row['layer']} | {jax_row['shape']} | {jax_row['forward_ms']:.2f} | "
-                 f"{jax_row['train_ms']:.2f} | {nchw['train_ms']:.2f} / {last['train_ms']:.2f} | "
-                 f"{jax_row['train_ms'] / best:.2f} |")
+    lines.append(f"| {lax_row['layer']} | {lax_row['shape']} | {lax_row['forward_ms']:.2f} | "
+                 f"{lax_row['train_ms']:.2f} / {patch['train_ms']:.2f} | "
+                 f"{nchw['train_ms']:.2f} / {last['train_ms']:.2f} | "
+                 f"{lax_row['train_ms'] / best:.2f} / {patch['train_ms'] / best:.2f} |")
   return lines
 
 

@@ -18,7 +18,10 @@ FER2013's 28709 by default, so the in-step shuffle costs the same).
   ``train_step.time_phase``: compile, one warm-up step, then ``--steps`` steps.
   The step also draws its batch from the device-resident set and augments it
   (affine, erasing, occlusion), work the twins do not do;
-  **fer_jax_no_augment** is the same step with augmentation off.
+  **fer_jax_no_augment** is the same step with augmentation off;
+  **fer_jax_lax_conv** is the step with every convolution a plain lax one
+  (``layers.force_layer_forms('native')``: no patch kernel gradient), the step
+  before the CPU forms of ``fer_jax.models.layers``.
 * **torch_fp32** / **torch_bf16**: eager PyTorch with the twins of
   ``torch_twins.py`` (VGGFer, AFNet, MultiLayerKD; same layers, widths and
   parameter counts) doing the same loss terms and weights, SGD with Nesterov
@@ -74,7 +77,7 @@ CASES = {
     "teacher": ("data=fer2013,tier=cpu,teacher_only", "teacher"),
     "student": ("data=fer2013,tier=cpu", "student"),
 }
-IMPLS = ("fer_jax", "fer_jax_no_augment", "torch_fp32", "torch_bf16")
+IMPLS = ("fer_jax", "fer_jax_no_augment", "fer_jax_lax_conv", "torch_fp32", "torch_bf16")
 # The config's augmentation switched off: the same work as the twins' steps, and
 # the share of fer_jax's step that augmentation takes.
 NO_AUGMENT = dict(flip=False, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), rotation_deg=0.0,
@@ -128,9 +131,13 @@ def run_fer_jax(cfg: dict) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import train_step  # pylint: disable=import-outside-toplevel
   config, phase = case_config(cfg["case"], cfg["batch"], cfg["train_size"])
+  from fer_jax.models import layers  # pylint: disable=import-outside-toplevel
   if cfg["impl"] == "fer_jax_no_augment":
     config.augment.update(NO_AUGMENT)
-  timing = train_step.time_phase(config, phase, cfg["steps"])
+  forms = (layers.force_layer_forms("native") if cfg["impl"] == "fer_jax_lax_conv"
+           else contextlib.nullcontext())
+  with forms:
+    timing = train_step.time_phase(config, phase, cfg["steps"])
   return {"step_s": timing["step_s"], "spread_s": timing["spread_s"],
           "compile_s": timing["compile_s"], **jax_param_counts(config, phase),
           "jax": jax.__version__, "flax": flax.__version__,
@@ -332,7 +339,8 @@ def header(args, cpus: list[int], loads: list[float], results: list[dict]) -> li
        "48x48x1 images (fer_jax: the synthetic faces; PyTorch: random uint8)"),
       ("* `fer_jax` is the config's step, which also augments its batch on the device "
        "(flip, affine, erasing, occlusion); `fer_jax_no_augment` is the same step with "
-       "augmentation off, the twins' work (they only sample and normalise)"),
+       "augmentation off, the twins' work (they only sample and normalise); "
+       "`fer_jax_lax_conv` is `fer_jax` with plain lax convolutions (no patch kernel gradient)"),
       (f"* load average (1 min): {loads[0]:.1f} before, {loads[-1]:.1f} after "
        f"(range over the runs {min(loads):.1f} to {max(loads):.1f})"),
   ]

@@ -177,7 +177,7 @@ class FeaturePyramid(nn.Module):
       upsampled = jax.image.resize(merged[0], lateral.shape, "nearest")
       merged.insert(0, lateral + upsampled)
     return [
-        nn.Conv(self.features, (3, 3), name=f"output{i}")(m)
+        layers.Conv(self.features, 3, name=f"output{i}")(m)
         for i, m in enumerate(merged)
     ]
 

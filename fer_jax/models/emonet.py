@@ -47,6 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fer_jax.models import layers
 from fer_jax.models.base import MODELS
 
 NUM_LANDMARKS = 68
@@ -69,10 +70,6 @@ def input_size(num_head_blocks: int = 4) -> int:
   AvgPool(4) must see a 4x4 map.
   """
   return 16 * 2**num_head_blocks
-
-
-def _max_pool2(x: jax.Array) -> jax.Array:
-  return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
 def _upsample2(x: jax.Array) -> jax.Array:
@@ -139,7 +136,7 @@ class HourGlass(nn.Module):
     def level(y, depth):
       # Block names follow the official module (b1_4 ... b3_1, b2_plus_1).
       up = ConvBlock(FAN_WIDTH, name=f"b1_{depth}")(y, train)
-      low = ConvBlock(FAN_WIDTH, name=f"b2_{depth}")(_max_pool2(y), train)
+      low = ConvBlock(FAN_WIDTH, name=f"b2_{depth}")(layers.max_pool2(y), train)
       if depth > 1:
         low = level(low, depth - 1)
       else:
@@ -164,7 +161,7 @@ class FaceAlignmentNetwork(nn.Module):
     norm = functools.partial(BatchNorm, use_running_average=not train)
     x = nn.Conv(64, (7, 7), strides=2, padding=3, name="conv1")(x)
     x = nn.relu(norm(name="bn1")(x))
-    x = _max_pool2(ConvBlock(128, name="conv2")(x, train))
+    x = layers.max_pool2(ConvBlock(128, name="conv2")(x, train))
     x = ConvBlock(128, name="conv3")(x, train)
     stem = ConvBlock(FAN_WIDTH, name="conv4")(x, train)
 
@@ -230,7 +227,7 @@ class EmoNet(nn.Module):
     aux = {"stem": stem, "fan_features": fan_features, "heatmaps": heatmaps,
            "attention": attention[..., 0]}
     for i in range(self.num_head_blocks):
-      y = _max_pool2(ConvBlock(HEAD_WIDTH, name=f"emo_block_{i}")(y, train))
+      y = layers.max_pool2(ConvBlock(HEAD_WIDTH, name=f"emo_block_{i}")(y, train))
       aux[f"stage{i + 1}"] = y
 
     # AvgPool(4) then a flatten that needs a 1x1 map (checked on the input).

@@ -13,12 +13,29 @@ the shifted form faster there as well (1.4x inference, 1.6x training), so
 'shifted' is worth measuring on accelerators. That single run was not enough
 to change the default.
 
+``Conv`` is nn.Conv with the same parameters, plus one CPU form for dense
+stride-1 convolutions. The forward pass and the input gradient stay lax
+convolutions. The kernel gradient becomes a scan over chunks of the batch,
+each chunk one matmul of its k*k patches with the output gradient. XLA:CPU
+lowers the kernel gradient of a lax convolution (a convolution that contracts
+over the batch) 3-20x slower than the forward pass. On the CPU tier's 3x3
+layers at batch 128, the patch form cut forward + backward from 1.2-7.9x
+PyTorch's time to 1.2-2.5x (2 AMD EPYC cores; experiments/benchmarks/conv_wall.md).
+
+``max_pool2`` has a CPU form too, a reshape and a max, because XLA:CPU's
+select-and-scatter (the gradient of a max-pool) is slow.
+
+The CPU forms take 'auto' on the CPU backend and leave every other backend
+on lax ops. ``force_layer_forms`` (``--layer_forms`` in fer_jax.main) forces
+one choice.
+
 Convolutions here pad symmetrically by ``k // 2`` (the PyTorch convention of
 the reference implementations), not TF's 'SAME', so stride-2 layers see the same
 pixels as the published models and weights port across without a shift.
 """
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Union
 
@@ -29,49 +46,71 @@ import jax.numpy as jnp
 Padding = Union[str, int, Sequence[tuple[int, int]]]
 
 DEPTHWISE_IMPLS = ("auto", "native", "shifted")
+CONV_IMPLS = ("auto", "native", "patch_grad")
+# What force_layer_forms accepts: lax convolutions and pooling everywhere, or the CPU forms.
+LAYER_FORMS = ("native", "cpu")
 
-_forced_depthwise_impl: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "forced_depthwise_impl", default=None)
+_forced_forms: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "forced_forms", default=None)
 
 # PyTorch's BatchNorm2d defaults (momentum 0.1 there is 1 - 0.9 here).
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
+# Bytes of k*k patches per chunk of the CPU kernel gradient: 4 MiB was the
+# fastest of 2, 4 and 8 on the CPU tier's 3x3 layers (2 cores).
+PATCH_CHUNK_BYTES = 4 << 20
+
 
 @contextlib.contextmanager
-def force_depthwise_impl(impl: str) -> Iterator[None]:
-  """Makes every ``DepthwiseConv`` traced inside the block use ``impl``.
+def force_layer_forms(impl: str) -> Iterator[None]:
+  """Makes every ``Conv``, ``DepthwiseConv`` and ``max_pool2`` traced inside the block use one form.
 
-  The MAC counter forces 'native', so that depthwise layers appear as
-  convolutions in the traced program. The switch acts at trace time. A function
-  that was already jit-compiled keeps the implementation it was traced with.
+  'native' gives plain lax convolutions and pooling (the MAC counter and the
+  ONNX export need them); 'cpu' gives the CPU forms (shifted depthwise, patch
+  kernel gradient, reshape pooling) on any backend. The switch acts at trace
+  time. A function that was already jit-compiled keeps the implementation it
+  was traced with.
 
   Args:
-    impl: 'native' or 'shifted'.
+    impl: 'native' or 'cpu'.
   """
-  if impl not in ("native", "shifted"):
+  if impl not in LAYER_FORMS:
     raise ValueError(
-        f"force_depthwise_impl: impl must be 'native' or 'shifted', got {impl!r}")
-  token = _forced_depthwise_impl.set(impl)
+        f"force_layer_forms: impl must be one of {LAYER_FORMS}, got {impl!r}")
+  token = _forced_forms.set(impl)
   try:
     yield
   finally:
-    _forced_depthwise_impl.reset(token)
+    _forced_forms.reset(token)
+
+
+def _cpu_forms() -> bool:
+  """Whether layers take their CPU forms: forced, or by default on the CPU backend."""
+  forced = _forced_forms.get()
+  return forced == "cpu" if forced is not None else jax.default_backend() == "cpu"
+
+
+def _resolve(impl: str, field: str, choices: tuple[str, ...]) -> str:
+  """'native' or the CPU form ``choices[-1]`` for an 'auto' | 'native' | CPU-form value."""
+  if impl not in choices:
+    raise ValueError(f"{field} must be one of {choices}, got {impl!r}")
+  if _forced_forms.get() is not None or impl == "auto":
+    return choices[-1] if _cpu_forms() else "native"
+  return impl
 
 
 def resolve_depthwise_impl(impl: str) -> str:
   """Returns 'native' or 'shifted' for a ``DepthwiseConv.impl`` value.
 
-  An active ``force_depthwise_impl`` block takes precedence over ``impl``.
+  An active ``force_layer_forms`` block takes precedence over ``impl``.
   """
-  if impl not in DEPTHWISE_IMPLS:
-    raise ValueError(f"DepthwiseConv.impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
-  forced = _forced_depthwise_impl.get()
-  if forced is not None:
-    return forced
-  if impl == "auto":
-    return "shifted" if jax.default_backend() == "cpu" else "native"
-  return impl
+  return _resolve(impl, "DepthwiseConv.impl", DEPTHWISE_IMPLS)
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """Returns 'native' or 'patch_grad' for a ``Conv.impl`` value, like ``resolve_depthwise_impl``."""
+  return _resolve(impl, "Conv.impl", CONV_IMPLS)
 
 
 def _pair(value: int | Sequence[int], field: str) -> tuple[int, int]:
@@ -185,6 +224,132 @@ class DepthwiseConv(nn.Module):
     return y
 
 
+def _lax_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+              padding: Sequence[tuple[int, int]]) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _patches(x: jax.Array, kernel_size: tuple[int, int]) -> jax.Array:
+  """``[B, H, W, kh*kw*C]``: the taps of each output pixel of a stride-1 conv
+  over an already padded ``x``, tap-major like an HWIO kernel."""
+  kh, kw = kernel_size
+  height, width = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  return jnp.concatenate([x[:, i:i + height, j:j + width]
+                          for i in range(kh) for j in range(kw)], axis=-1)
+
+
+def _batch_chunk(shape: tuple[int, ...], kernel_size: tuple[int, int], itemsize: int) -> int:
+  """The largest power-of-two divisor of the batch whose patches fit PATCH_CHUNK_BYTES."""
+  batch, height, width, channels = shape
+  per_image = height * width * kernel_size[0] * kernel_size[1] * channels * itemsize
+  chunk = 1
+  while batch % (2 * chunk) == 0 and 2 * chunk * per_image <= PATCH_CHUNK_BYTES:
+    chunk *= 2
+  return chunk
+
+
+def _patch_kernel_grad(x: jax.Array, grad_out: jax.Array, kernel_shape: tuple[int, ...],
+                       padding: Sequence[tuple[int, int]]) -> jax.Array:
+  """The kernel gradient of a stride-1 convolution, summed over batch chunks."""
+  kernel_size, (channels, features) = kernel_shape[:2], kernel_shape[2:]
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  chunk = _batch_chunk(x.shape, kernel_size, x.dtype.itemsize)
+  x = x.reshape(-1, chunk, *x.shape[1:])
+  grad_out = grad_out.reshape(-1, chunk, *grad_out.shape[1:])
+
+  def add_chunk(total, chunk_pair):
+    images, grads = chunk_pair
+    taps = _patches(images, kernel_size).reshape(-1, total.shape[0])
+    return total + taps.T @ grads.reshape(-1, features), None
+
+  total = jnp.zeros((kernel_size[0] * kernel_size[1] * channels, features),
+                    jnp.result_type(x, grad_out))
+  total, _ = jax.lax.scan(add_chunk, total, (x, grad_out))
+  return total.reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def patch_grad_conv(x: jax.Array, kernel: jax.Array,
+                    padding: tuple[tuple[int, int], ...]) -> jax.Array:
+  """A stride-1 convolution whose kernel gradient is a chunked patch matmul.
+
+  Equal to ``lax.conv_general_dilated`` (NHWC, HWIO) in value and gradients.
+  The input gradient is the convolution of the output gradient with the
+  flipped kernel, which needs ``padding`` to keep the size (odd kernels,
+  symmetric ``k // 2``, as every caller here pads).
+  """
+  return _lax_conv(x, kernel, (1, 1), padding)
+
+
+def _patch_grad_conv_forward(x, kernel, padding):
+  return _lax_conv(x, kernel, (1, 1), padding), (x, kernel)
+
+
+def _patch_grad_conv_backward(padding, residuals, grad_out):
+  x, kernel = residuals
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  grad_x = _lax_conv(grad_out, flipped, (1, 1), padding)
+  return grad_x, _patch_kernel_grad(x, grad_out, kernel.shape, padding)
+
+
+patch_grad_conv.defvjp(_patch_grad_conv_forward, _patch_grad_conv_backward)
+
+
+class Conv(nn.Module):
+  """nn.Conv (NHWC, same ``kernel`` ``[kh, kw, C, F]`` and ``bias``) with a CPU form.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square filter size.
+    strides: square stride.
+    padding: symmetric padding per side (PyTorch style); None is ``k // 2``.
+    use_bias: add a per-channel bias.
+    impl: 'native' (lax convolution, autodiff), 'patch_grad' (``patch_grad_conv``
+      where it applies: stride 1, odd kernel, ``k // 2`` padding, k > 1) or
+      'auto' (patch_grad on CPU, native elsewhere). Checkpoints are the same.
+    kernel_init: initializer of the kernel (the bias starts at zero).
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  padding: int | None = None
+  use_bias: bool = True
+  impl: str = "auto"
+  kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    pad = k // 2 if self.padding is None else self.padding
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
+    padding = ((pad, pad), (pad, pad))
+    same_size = self.strides == 1 and k % 2 == 1 and pad == k // 2 and k > 1
+    if same_size and resolve_conv_impl(self.impl) == "patch_grad":
+      y = patch_grad_conv(x, kernel, padding)
+    else:
+      y = _lax_conv(x, kernel, (self.strides, self.strides), padding)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    return y
+
+
+def max_pool2(x: jax.Array) -> jax.Array:
+  """2x2 max-pooling with stride 2 (odd trailing rows and columns dropped).
+
+  The CPU form is a reshape and a max, whose gradient is elementwise: XLA:CPU's
+  select-and-scatter, the gradient of ``nn.max_pool``, took 88 ms against
+  14 ms on 128x48x48x16 (2 cores). Where a window holds tied maxima the CPU
+  form splits the gradient among them; after a ReLU such ties are zeros,
+  whose gradient the ReLU stops either way.
+  """
+  if not _cpu_forms():
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+  batch, height, width, channels = x.shape
+  x = x[:, :height // 2 * 2, :width // 2 * 2]
+  return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+
+
 def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
   """BatchNorm with PyTorch's defaults, statistics in 'batch_stats'."""
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
@@ -225,9 +390,8 @@ class ConvBN(nn.Module):
       x = DepthwiseConv(self.kernel_size, self.strides, padding, self.use_bias,
                         self.depthwise_impl, self.kernel_init, name="conv")(x)
     else:
-      x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), self.strides,
-                  padding, use_bias=self.use_bias, kernel_init=self.kernel_init,
-                  name="conv")(x)
+      x = Conv(self.features, self.kernel_size, self.strides, padding, self.use_bias,
+               kernel_init=self.kernel_init, name="conv")(x)
     return batch_norm(train, name="bn")(x)
 
 

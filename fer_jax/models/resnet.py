@@ -36,11 +36,10 @@ STEMS = ("imagenet", "small")
 
 
 def conv(features: int, kernel: int, strides: int = 1,
-         name: str | None = None) -> nn.Conv:
+         name: str | None = None) -> layers.Conv:
   """A bias-free square convolution padded like PyTorch (``kernel // 2``)."""
-  return nn.Conv(features, (kernel, kernel), strides=strides,
-                 padding=kernel // 2, use_bias=False, kernel_init=_HE_FAN_OUT,
-                 name=name)
+  return layers.Conv(features, kernel, strides, use_bias=False, kernel_init=_HE_FAN_OUT,
+                     name=name)
 
 
 def projection_shortcut(x, features: int, strides: int, train: bool):

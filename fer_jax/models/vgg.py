@@ -53,7 +53,7 @@ class VGGFer(nn.Module):
       for j in range(2):
         x = nn.relu(layers.ConvBN(self.width * 2**i, 3, use_bias=True,
                                   name=f"stage{i + 1}_conv{j + 1}")(x, train))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = layers.max_pool2(x)
       aux[f"stage{i + 1}"] = x
     if not self.fc_width:
       h = jnp.mean(x, axis=(1, 2))

@@ -29,8 +29,8 @@ forward pass (``train=False``) on a batch of one and returns
 Depthwise convolutions may run as shifted multiplies on CPU
 (``fer_jax.models.layers.DepthwiseConv``), which would hide their MACs among
 elementwise ops; counting therefore traces under
-``layers.force_depthwise_impl('native')``, which makes them grouped
-convolutions.
+``layers.force_layer_forms('native')``, which makes them grouped
+convolutions and every dense convolution a plain lax one.
 
 Command line (the last printed line is a JSON object):
 
@@ -78,7 +78,7 @@ def count(name: str, input_shape: tuple[int, int, int],
   def forward(variables, x):
     return model.apply(variables, x, train=False)
 
-  with layers.force_depthwise_impl("native"):
+  with layers.force_layer_forms("native"):
     # eval_shape: only shapes are needed, so no weights are materialised.
     variables = jax.eval_shape(
         lambda x: model.init(jax.random.key(0), x, train=False), image)
@@ -109,7 +109,7 @@ def cpu_images_per_second(name: str, input_shape: tuple[int, int, int], batch_si
   """
   cpu = jax.devices("cpu")[0]
   model = models.build(name, **model_kwargs)
-  with jax.default_device(cpu), layers.force_depthwise_impl("shifted"):
+  with jax.default_device(cpu), layers.force_layer_forms("cpu"):
     images = jnp.zeros((batch_size, *input_shape), jnp.float32)
     variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[:1])
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
