@@ -9,10 +9,12 @@ occlusions.
 
 Embedded default dataset (no download), 2 CPU cores:
   python -m fer_jax.main --config=configs/mkd.py
-  measured (idle 2-core AMD EPYC, 7 min 0 s wall, 2026-12-02, with the CPU forms of
-  fer_jax.models.layers; 12 min 42 s with ``--layer_forms=native``): teacher/test/accuracy
-  0.969, student/test/accuracy 0.924, student/test_occluded/accuracy 0.588. Before the
-  CPU forms an idle 2-core Intel Xeon took 3 min 36 s (student 0.902, occluded 0.555)
+  measured on a 2-core AMD EPYC, 2026-12-02, with the CPU forms of fer_jax.models.layers
+  (1x1 convolutions included): 9 min 9 s wall on shared cores, about 100 s of it compiling;
+  teacher/test/accuracy 0.965, student/test/accuracy 0.921,
+  student/test_occluded/accuracy 0.556. An earlier session on the same CPU model: 7 min
+  0 s, and 12 min 42 s with ``--layer_forms=native``. Before the CPU forms an idle 2-core
+  Intel Xeon took 3 min 36 s (student 0.902, occluded 0.555)
   (``variant=raw``: student 0.911, occluded 0.515, in an earlier session).
 FER2013 (built from ../shared/data or your download on first use):
   python -m fer_jax.main --config=configs/mkd.py:data=fer2013

@@ -20,3 +20,24 @@ def describe() -> str:
   if device.platform != "cpu":
     return f"{jax.device_count()}x {device.device_kind} ({device.platform})"
   return f"{len(os.sched_getaffinity(0))} CPU cores ({cpu_model()})"
+
+
+def cpu_times() -> list[int]:
+  """The machine's CPU time counters from /proc/stat (user, nice, system, idle, iowait,
+  irq, softirq, steal), or [] where there is no /proc/stat."""
+  stat = pathlib.Path("/proc/stat")
+  if not stat.is_file():
+    return []
+  return [int(v) for v in stat.read_text().splitlines()[0].split()[1:9]]
+
+
+def stolen_share(before: list[int], after: list[int]) -> float | None:
+  """The share of CPU time the hypervisor gave to other guests between two ``cpu_times``.
+
+  On shared cloud cores this 'steal' slows every benchmark; a run with a large
+  share measures the neighbours as much as the code.
+  """
+  if len(before) < 8 or len(after) < 8:
+    return None
+  delta = [b - a for a, b in zip(before, after)]
+  return delta[7] / sum(delta) if sum(delta) else 0.0

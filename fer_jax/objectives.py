@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from fer_jax import losses
 from fer_jax.config_utils import ConfigError
+from fer_jax.models import layers
 from fer_jax.registry import Registry
 
 TERMS = Registry("loss term")
@@ -63,7 +64,7 @@ class _FeatureAdapter(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.Conv(self.features, (1, 1), use_bias=False, name="conv")(x)
+    return layers.Conv(self.features, 1, use_bias=False, name="conv")(x)
 
 
 class AdaptedPairs(nn.Module):
@@ -159,8 +160,8 @@ class _SpatialAttention(nn.Module):
 
   @nn.compact
   def __call__(self, teacher_feature, labels):
-    h = nn.relu(nn.Conv(self.hidden, (3, 3), name="conv1")(teacher_feature))
-    scores = nn.Conv(1, (1, 1), name="conv2")(h)[..., 0]
+    h = nn.relu(layers.Conv(self.hidden, 3, name="conv1")(teacher_feature))
+    scores = layers.Conv(1, 1, name="conv2")(h)[..., 0]
     b, hh, ww = scores.shape
     weights = jax.nn.softmax(scores.reshape(b, -1), axis=-1).reshape(b, hh, ww)
     pooled = jnp.einsum("bhw,bhwc->bc", weights, teacher_feature)

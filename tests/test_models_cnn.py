@@ -403,28 +403,31 @@ def test_mini_xception_matches_keras_layout_in_torch():
 # --- The CPU form of dense convolutions ------------------------------------------
 
 
-def _numpy_kernel_grad(x, grad_out, k):
+def _numpy_kernel_grad(x, grad_out, kernel_size):
   """dL/dW[i, j, c, f] = sum over images and output pixels of x_pad * dL/dy."""
-  pad = k // 2
-  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).astype(np.float64)
-  height, width = grad_out.shape[1:3]
+  (kh, kw), (height, width) = kernel_size, grad_out.shape[1:3]
+  x = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0))).astype(np.float64)
   return np.stack([np.stack([
       np.einsum("nhwc,nhwf->cf", x[:, i:i + height, j:j + width], grad_out)
-      for j in range(k)]) for i in range(k)])
+      for j in range(kw)]) for i in range(kh)])
 
 
-@pytest.mark.parametrize("batch,k,chunk_bytes", [
-    (6, 3, layers.PATCH_CHUNK_BYTES),  # one chunk of 2 images
-    (5, 3, 1),                         # odd batch: one image a chunk
-    (8, 5, 4 * 10 * 10 * 25 * 3 * 2),  # 5x5, two images a chunk, four chunks
+@pytest.mark.parametrize("batch,kernel_size,chunk_bytes", [
+    (6, (3, 3), layers.PATCH_CHUNK_BYTES),  # one chunk of 2 images
+    (5, (3, 3), 1),                         # odd batch: one image a chunk
+    (8, (5, 5), 4 * 10 * 10 * 25 * 3 * 2),  # 5x5, two images a chunk, four chunks
+    (6, (1, 1), 4 * 10 * 10 * 3 * 2),       # 1x1: the patches are the input
+    (4, (1, 3), layers.PATCH_CHUNK_BYTES),  # AFNet's wide and tall kernels
+    (4, (3, 1), 1),
 ])
-def test_patch_grad_conv_equals_lax_in_value_and_gradients(monkeypatch, batch, k, chunk_bytes):
+def test_patch_grad_conv_equals_lax_in_value_and_gradients(monkeypatch, batch, kernel_size,
+                                                           chunk_bytes):
   monkeypatch.setattr(layers, "PATCH_CHUNK_BYTES", chunk_bytes)
   keys = jax.random.split(KEY, 3)
   x = jax.random.normal(keys[0], (batch, 10, 10, 3))
-  kernel = jax.random.normal(keys[1], (k, k, 3, 4))
+  kernel = jax.random.normal(keys[1], (*kernel_size, 3, 4))
   weights = jax.random.normal(keys[2], (batch, 10, 10, 4))
-  padding = ((k // 2, k // 2),) * 2
+  padding = tuple((k // 2, k // 2) for k in kernel_size)
   lax_conv = lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
   patch_conv = lambda x, w: layers.patch_grad_conv(x, w, padding)
@@ -433,8 +436,9 @@ def test_patch_grad_conv_equals_lax_in_value_and_gradients(monkeypatch, batch, k
   ours = jax.jit(jax.grad(loss(patch_conv), argnums=(0, 1)))(x, kernel)
   reference = jax.grad(loss(lax_conv), argnums=(0, 1))(x, kernel)
   np.testing.assert_allclose(ours[0], reference[0], rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(ours[1], _numpy_kernel_grad(np.asarray(x), np.asarray(weights), k),
-                             rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(
+      ours[1], _numpy_kernel_grad(np.asarray(x), np.asarray(weights), kernel_size),
+      rtol=1e-4, atol=1e-3)
 
 
 def _custom_vjp_count(fn, *args) -> int:
@@ -451,6 +455,15 @@ def test_conv_takes_the_patch_form_on_cpu_only_where_it_applies_and_force_overri
   assert layers.resolve_conv_impl("auto") == "patch_grad"
   assert _custom_vjp_count(same.apply, variables, x) == 1
   assert _custom_vjp_count(strided.apply, variables, x) == 0
+  # 1x1 and rectangular kernels take it too, and compute what nn.Conv does.
+  for kernel_size, pair in ((1, (1, 1)), ((1, 3), (1, 3))):
+    conv, reference = layers.Conv(4, kernel_size), nn.Conv(4, pair)
+    conv_variables = conv.init(KEY, x)
+    chex.assert_trees_all_equal_shapes(conv_variables, reference.init(KEY, x))
+    np.testing.assert_allclose(conv.apply(conv_variables, x),
+                               reference.apply(conv_variables, x), rtol=1e-5, atol=1e-5)
+    assert _custom_vjp_count(conv.apply, conv_variables, x) == 1
+  assert _custom_vjp_count(layers.Conv(4, 3, padding=0).apply, variables, x) == 0
   assert _custom_vjp_count(layers.Conv(4, 3, impl="native").apply, variables, x) == 0
   with layers.force_layer_forms("native"):
     assert _custom_vjp_count(same.apply, variables, x) == 0

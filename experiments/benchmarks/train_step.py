@@ -47,29 +47,39 @@ _OUT = flags.DEFINE_string("out", "", "Append the markdown table to this file.")
 flags.mark_flags_as_required(["config"])
 
 
-def time_phase(config, name: str, num_steps: int) -> dict:
-  """Compile seconds and median step seconds of phase ``name``."""
+def compiled_phase(config, name: str):
+  """(compiled step, state, step inputs, compile seconds, batch) of phase ``name``."""
   dataset, arrays = train.load_data(config.data)
   mesh = train.make_mesh()
   data = phase_lib.DataInfo.of(dataset.class_names, arrays[config.data.train_split])
   phase = train.untrained_phases(config, data, mesh, until=name)[name]
-  state = phase.state
   inputs = (jax.device_put(phase.program.weights, steps.replicated(mesh)),
             jax.device_put(phase.teacher_variables, steps.replicated(mesh)),
             jax.device_put(arrays[config.data.train_split], steps.replicated(mesh)))
   start = time.perf_counter()
-  step_fn = steps.make_train_step(phase.spec).lower(state, *inputs).compile()
-  compile_s = time.perf_counter() - start
-  state, metrics = step_fn(state, *inputs)
-  jax.block_until_ready(metrics)
+  step_fn = steps.make_train_step(phase.spec).lower(phase.state, *inputs).compile()
+  return (step_fn, phase.state, inputs, time.perf_counter() - start,
+          phase.program.cfg.batch_size)
+
+
+def run_steps(step_fn, state, inputs, num_steps: int):
+  """(state, seconds of each step): ``num_steps`` synchronised steps."""
   times = []
   for _ in range(num_steps):
     start = time.perf_counter()
     state, metrics = step_fn(state, *inputs)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
+  return state, times
+
+
+def time_phase(config, name: str, num_steps: int) -> dict:
+  """Compile seconds and median step seconds of phase ``name``."""
+  step_fn, state, inputs, compile_s, batch = compiled_phase(config, name)
+  state, _ = run_steps(step_fn, state, inputs, 1)  # warm-up
+  _, times = run_steps(step_fn, state, inputs, num_steps)
   return {"compile_s": compile_s, "step_s": statistics.median(times),
-          "spread_s": (max(times) - min(times)) / 2, "batch": phase.program.cfg.batch_size}
+          "spread_s": (max(times) - min(times)) / 2, "batch": batch}
 
 
 def with_terms(config, phase: str, keep: list[str]):

@@ -70,6 +70,7 @@ sys.path.insert(0, HERE)
 
 import cpu_speed  # noqa: E402  (stdlib only at import; jax and torch load in workers)
 
+from experiments import hardware  # noqa: E402
 from experiments.hardware import cpu_model  # noqa: E402
 
 # case -> (configs/mkd.py argument string, timed phase)
@@ -320,7 +321,8 @@ def table(rows: list[dict]) -> list[str]:
   return lines
 
 
-def header(args, cpus: list[int], loads: list[float], results: list[dict]) -> list[str]:
+def header(args, cpus: list[int], loads: list[float], results: list[dict],
+           stolen: float | None) -> list[str]:
   versions = {k: v for r in results for k, v in r.items()
               if k in ("jax", "flax", "torch", "torch_threads")}
   command = "python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]])
@@ -342,7 +344,9 @@ def header(args, cpus: list[int], loads: list[float], results: list[dict]) -> li
        "augmentation off, the twins' work (they only sample and normalise); "
        "`fer_jax_lax_conv` is `fer_jax` with plain lax convolutions (no patch kernel gradient)"),
       (f"* load average (1 min): {loads[0]:.1f} before, {loads[-1]:.1f} after "
-       f"(range over the runs {min(loads):.1f} to {max(loads):.1f})"),
+       f"(range over the runs {min(loads):.1f} to {max(loads):.1f}); CPU time stolen by "
+       f"the hypervisor during the runs: "
+       + (f"{100 * stolen:.0f} %" if stolen is not None else "unknown")),
   ]
   if max(loads) > os.cpu_count():
     lines.append(f"* **Noisy**: the load average passed the machine's {os.cpu_count()} CPUs; "
@@ -383,6 +387,7 @@ def main():
     return
   cpus = args.cpus or sorted(os.sched_getaffinity(0))
   loads, rows, results = [os.getloadavg()[0]], [], []
+  times_before = hardware.cpu_times()
   for case in args.cases:
     base = {"case": case, "cpus": cpus, "batch": args.batch, "steps": args.steps,
             "warmup": args.warmup, "train_size": args.train_size}
@@ -394,7 +399,8 @@ def main():
       print(json.dumps(row), flush=True)
       rows.append(row)
   loads.append(os.getloadavg()[0])
-  cpu_speed.emit([*header(args, cpus, loads, results), "", *table(rows)], args.out)
+  stolen = hardware.stolen_share(times_before, hardware.cpu_times())
+  cpu_speed.emit([*header(args, cpus, loads, results, stolen), "", *table(rows)], args.out)
 
 
 if __name__ == "__main__":

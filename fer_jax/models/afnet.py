@@ -104,12 +104,12 @@ class SpatialAttention(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     channels = x.shape[-1]
     reduced = layers.batch_norm(train)(
-        nn.Conv(max(channels // 2, 1), (1, 1), use_bias=False)(x))
+        layers.Conv(max(channels // 2, 1), 1, use_bias=False)(x))
     # Square, wide and tall kernels respond to blobs and to horizontal and
     # vertical facial structures (brows, mouth, nose).
     responses = [
         layers.batch_norm(train)(
-            nn.Conv(channels, kernel, use_bias=False)(reduced))
+            layers.Conv(channels, kernel, use_bias=False)(reduced))
         for kernel in ((3, 3), (1, 3), (3, 1))
     ]
     return nn.relu(sum(responses)).sum(axis=-1)
@@ -168,7 +168,7 @@ class FeaturePyramid(nn.Module):
   def __call__(self, maps: Sequence[jax.Array]) -> list[jax.Array]:
     """Maps fine to coarse in, pyramid levels fine to coarse out."""
     laterals = [
-        nn.Conv(self.features, (1, 1), name=f"lateral{i}")(m)
+        layers.Conv(self.features, 1, name=f"lateral{i}")(m)
         for i, m in enumerate(maps)
     ]
     merged = [laterals[-1]]
@@ -193,7 +193,7 @@ class MaskedChannels(nn.Module):
     masked = nn.Dropout(
         1.0 - self.keep, broadcast_dims=(1, 2), deterministic=not train,
         name="mask")(x)
-    mixed = nn.Conv(x.shape[-1], (1, 1), use_bias=False)(masked)
+    mixed = layers.Conv(x.shape[-1], 1, use_bias=False)(masked)
     return jnp.mean(nn.relu(layers.batch_norm(train)(mixed)), axis=(1, 2))
 
 

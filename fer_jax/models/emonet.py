@@ -113,8 +113,7 @@ class ConvBlock(nn.Module):
     def bn_relu_conv(y, features, kernel, suffix):
       y = nn.relu(
           BatchNorm(use_running_average=not train, name=f"bn{suffix}")(y))
-      return nn.Conv(features, (kernel, kernel), padding=kernel // 2,
-                     use_bias=False, name=f"conv{suffix}")(y)
+      return layers.Conv(features, kernel, use_bias=False, name=f"conv{suffix}")(y)
 
     out1 = bn_relu_conv(x, self.features // 2, 3, 1)
     out2 = bn_relu_conv(out1, self.features // 4, 3, 2)
@@ -223,7 +222,7 @@ class EmoNet(nn.Module):
 
     attention = jnp.sum(heatmaps, axis=-1, keepdims=True)
     y = jnp.concatenate([stem, fan_features * attention], axis=-1)
-    y = nn.Conv(HEAD_WIDTH, (1, 1), name="conv1x1_input_emo_2")(y)
+    y = layers.Conv(HEAD_WIDTH, 1, name="conv1x1_input_emo_2")(y)
     aux = {"stem": stem, "fan_features": fan_features, "heatmaps": heatmaps,
            "attention": attention[..., 0]}
     for i in range(self.num_head_blocks):

@@ -21,6 +21,9 @@ lowers the kernel gradient of a lax convolution (a convolution that contracts
 over the batch) 3-20x slower than the forward pass. On the CPU tier's 3x3
 layers at batch 128, the patch form cut forward + backward from 1.2-7.9x
 PyTorch's time to 1.2-2.5x (2 AMD EPYC cores; experiments/benchmarks/conv_wall.md).
+1x1 convolutions (FPN laterals, MKD's adapters, pointwise convs) were the worst
+case: lax's kernel gradient of a 128x24x24x32 -> 64 layer took 470 ms against
+18-26 ms as one matmul per chunk (experiments/benchmarks/op_profile.md found them).
 
 ``max_pool2`` has a CPU form too, a reshape and a max, because XLA:CPU's
 select-and-scatter (the gradient of a max-pool) is slow.
@@ -114,11 +117,12 @@ def resolve_conv_impl(impl: str) -> str:
 
 
 def _pair(value: int | Sequence[int], field: str) -> tuple[int, int]:
+  """``(v, v)`` for an int ``v``; a pair of ints as it is; ``field`` names it in errors."""
   if isinstance(value, int):
     return value, value
   pair = tuple(value)
   if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-    raise ValueError(f"DepthwiseConv.{field} must be an int or two ints, got {value!r}")
+    raise ValueError(f"{field} must be an int or two ints, got {value!r}")
   return pair
 
 
@@ -209,8 +213,8 @@ class DepthwiseConv(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"DepthwiseConv expects NHWC input, got shape {x.shape}")
     channels = x.shape[-1]
-    kernel_size = _pair(self.kernel_size, "kernel_size")
-    strides = _pair(self.strides, "strides")
+    kernel_size = _pair(self.kernel_size, "DepthwiseConv.kernel_size")
+    strides = _pair(self.strides, "DepthwiseConv.strides")
     kernel = self.param("kernel", self.kernel_init, (*kernel_size, 1, channels))
     padding = _padding_pairs(self.padding, x.shape[1:3], kernel_size, strides)
     if resolve_depthwise_impl(self.impl) == "native":
@@ -276,8 +280,9 @@ def patch_grad_conv(x: jax.Array, kernel: jax.Array,
 
   Equal to ``lax.conv_general_dilated`` (NHWC, HWIO) in value and gradients.
   The input gradient is the convolution of the output gradient with the
-  flipped kernel, which needs ``padding`` to keep the size (odd kernels,
-  symmetric ``k // 2``, as every caller here pads).
+  flipped kernel, which needs ``padding`` to keep the size (odd kernel sides,
+  symmetric ``k // 2`` on each axis, as every caller here pads). A 1x1 kernel's
+  patches are the input itself: its kernel gradient is one matmul per chunk.
   """
   return _lax_conv(x, kernel, (1, 1), padding)
 
@@ -301,17 +306,19 @@ class Conv(nn.Module):
 
   Attributes:
     features: output channels.
-    kernel_size: square filter size.
+    kernel_size: filter size, square (an int) or ``(kh, kw)``.
     strides: square stride.
-    padding: symmetric padding per side (PyTorch style); None is ``k // 2``.
+    padding: symmetric padding per side (PyTorch style), one int for both axes;
+      None is ``k // 2`` on each axis (nn.Conv's 'SAME' for odd kernels).
     use_bias: add a per-channel bias.
     impl: 'native' (lax convolution, autodiff), 'patch_grad' (``patch_grad_conv``
-      where it applies: stride 1, odd kernel, ``k // 2`` padding, k > 1) or
+      where it applies: stride 1, odd kernel sides, ``k // 2`` padding; 1x1
+      included, whose lax kernel gradient was 20x slower on 2 cores) or
       'auto' (patch_grad on CPU, native elsewhere). Checkpoints are the same.
     kernel_init: initializer of the kernel (the bias starts at zero).
   """
   features: int
-  kernel_size: int = 3
+  kernel_size: int | tuple[int, int] = 3
   strides: int = 1
   padding: int | None = None
   use_bias: bool = True
@@ -320,11 +327,13 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k = self.kernel_size
-    pad = k // 2 if self.padding is None else self.padding
-    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
-    padding = ((pad, pad), (pad, pad))
-    same_size = self.strides == 1 and k % 2 == 1 and pad == k // 2 and k > 1
+    kernel_size = _pair(self.kernel_size, "Conv.kernel_size")
+    same_pads = tuple(k // 2 for k in kernel_size)
+    pads = same_pads if self.padding is None else (self.padding,) * 2
+    kernel = self.param("kernel", self.kernel_init, (*kernel_size, x.shape[-1], self.features))
+    padding = tuple((p, p) for p in pads)
+    same_size = (self.strides == 1 and all(k % 2 == 1 for k in kernel_size)
+                 and pads == same_pads)
     if same_size and resolve_conv_impl(self.impl) == "patch_grad":
       y = patch_grad_conv(x, kernel, padding)
     else:

@@ -42,8 +42,8 @@ class SeparableConv(nn.Module):
     x = layers.DepthwiseConv(3, padding=1, use_bias=False,
                              impl=self.depthwise_impl, kernel_init=_GLOROT,
                              name="depthwise")(x)
-    return nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=_GLOROT,
-                   name="pointwise")(x)
+    return layers.Conv(self.features, 1, use_bias=False, kernel_init=_GLOROT,
+                       name="pointwise")(x)
 
 
 class MiniXception(nn.Module):
@@ -90,8 +90,7 @@ class MiniXception(nn.Module):
       x = y + residual
       aux[name] = x
     aux["embedding"] = jnp.mean(x, axis=(1, 2))
-    class_map = nn.Conv(self.num_classes, (3, 3), padding=1,
-                        kernel_init=_GLOROT, name="classifier")(x)
+    class_map = layers.Conv(self.num_classes, 3, kernel_init=_GLOROT, name="classifier")(x)
     logits = jnp.mean(class_map, axis=(1, 2))
     if self.num_va:
       aux["va"] = nn.Dense(self.num_va, name="va_head")(aux["embedding"])
