@@ -25,7 +25,7 @@ Groups:
   layout copies and the kernel-gradient convolutions it rewrites, carry no
   op_name and are counted as ``(no op_name)``.
 
-Usage (on idle cores; about five minutes on 2 cores):
+Usage (on idle cores; about seven minutes on 2 cores):
 
   python experiments/benchmarks/op_profile.py --out=experiments/benchmarks/op_profile.md
   python experiments/benchmarks/op_profile.py --smoke   # batch 16, 2 steps
