@@ -51,6 +51,38 @@ def batch_sharded(mesh):
   return NamedSharding(mesh, P("data"))
 
 
+# Feistel rounds of the epoch permutation. Luby & Rackoff's four rounds hold for
+# wide halves; on 2-bit halves (n = 10) four rounds placed pairs of items far from
+# uniformly (chi-square 466 against a 0.999 quantile of 135) and eight pass.
+FEISTEL_ROUNDS = 8
+
+
+def epoch_permutation(key, positions, n: int):
+  """``perm[positions]`` of a pseudo-random permutation of ``range(n)`` fixed by ``key``.
+
+  A Feistel network on the smallest even bit width covering ``n``, walked along
+  its cycles until it lands inside ``range(n)``: only the batch's positions are
+  computed, where ``jax.random.permutation`` sorts all ``n`` indices twice (3 %
+  of the CPU tier's student step).
+  """
+  half_bits = max(1, -(-max(n - 1, 1).bit_length() // 2))
+  mask = jnp.uint32((1 << half_bits) - 1)
+  round_keys = jax.random.split(key, FEISTEL_ROUNDS)
+  round_fn = jax.vmap(lambda k, r: jax.random.bits(jax.random.fold_in(k, r), dtype=jnp.uint32),
+                      in_axes=(None, 0))
+
+  def feistel(x):
+    left, right = x >> half_bits, x & mask
+    for i in range(FEISTEL_ROUNDS):
+      left, right = right, left ^ (round_fn(round_keys[i], right) & mask)
+    return (left << half_bits) | right
+
+  walk = lambda x: jnp.where(x >= n, feistel(x), x)
+  index = jax.lax.while_loop(lambda x: jnp.any(x >= n), walk,
+                             feistel(positions.astype(jnp.uint32)))
+  return index.astype(jnp.int32)
+
+
 def sample_batch(data, step, rng, batch_size):
   """Epoch-wise shuffled batch ``step`` of the device-resident ``data``.
 
@@ -60,8 +92,9 @@ def sample_batch(data, step, rng, batch_size):
   n = data["label"].shape[0]
   steps_per_epoch = n // batch_size
   epoch = step // steps_per_epoch
-  perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(rng, 0x5EED), epoch), n)
-  idx = jax.lax.dynamic_slice_in_dim(perm, (step % steps_per_epoch) * batch_size, batch_size)
+  positions = (step % steps_per_epoch) * batch_size + jnp.arange(batch_size)
+  idx = epoch_permutation(jax.random.fold_in(jax.random.fold_in(rng, 0x5EED), epoch),
+                          positions, n)
   return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
 
 
