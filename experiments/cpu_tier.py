@@ -45,15 +45,22 @@ ROWS = {
 ROWS["VGG width 16 alone, 20 epochs"] = (
     "vgg16w_alone_e20", "student",
     f"{MAIN},distill=none,epochs=20{SMOOTHING} --config.student.model_kwargs.width=16")
-ROWS["AFNet teacher (VGG width 16), seed 1"] = (
-    "teacher_vgg16_s1", "teacher", f"{MAIN},teacher_only,seed=1")
-# More seeds of the student: seed 1 distils seed 0's teacher, seed 2 seed 1's.
-for _seed, _teacher in ((1, "TEACHER"), (2, "TEACHER_SEED1")):
+for _seed in (1, 2):
+  ROWS[f"AFNet teacher (VGG width 16), seed {_seed}"] = (
+      f"teacher_vgg16_s{_seed}", "teacher", f"{MAIN},teacher_only,seed={_seed}")
+# More seeds of the students. Seed 1 of Hinton distils seed 0's teacher; seed 2 of
+# Hinton and seeds 1-2 of MKD distil seed 2's (seed 1's run directory was lost with its
+# machine before Hinton's seed 2 finished).
+for _seed, _teacher in ((1, "TEACHER"), (2, "TEACHER_SEED2")):
   ROWS[f"student alone, seed {_seed}"] = (
       f"student_none_s{_seed}", "student", f"{MAIN},distill=none,seed={_seed}{SMOOTHING}")
   ROWS[f"Hinton KD, seed {_seed}"] = (
       f"student_hinton_s{_seed}", "student",
       f"{MAIN},distill=hinton,seed={_seed},teacher_checkpoint={_teacher}")
+for _seed in (1, 2):
+  ROWS[f"MKD (standardised), seed {_seed}"] = (
+      f"student_mkd_s{_seed}", "student",
+      f"{MAIN},distill=mkd,seed={_seed},teacher_checkpoint=TEACHER_SEED2")
 COLUMNS = ("private_test/accuracy", "private_test/flip_accuracy", "public_test/accuracy",
            "private_test_occluded/accuracy", "private_test/mean_class_accuracy")
 RECORDED = (*COLUMNS, "params", "macs", "train_seconds")
@@ -86,8 +93,8 @@ def render(rows: dict[str, dict], commands: dict[str, str]) -> str:
     lines.append(f"| {name} | {cells(r)} | {r['params']:,} | {r['macs'] / 1e6:.2f} | "
                  f"{minutes} |")
   lines += ["", *seed_summary(rows)]
-  lines += ["", "Commands (TEACHER and TEACHER_SEED1 are the `teacher/model` directories of "
-            "the seed-0 and seed-1 teacher runs):", ""]
+  lines += ["", "Commands (TEACHER and TEACHER_SEED2 are the `teacher/model` directories of "
+            "the seed-0 and seed-2 teacher runs):", ""]
   lines += [f"* {name}: `{command}`" for name, command in commands.items()]
   return "\n".join(lines) + "\n"
 

@@ -46,10 +46,19 @@ class FitResult:
 
 @dataclasses.dataclass
 class _Progress:
-  """What the loop carries between steps besides the train state."""
+  """What the loop carries between steps besides the train state.
+
+  ``seconds_before`` is the training time of the runs this one resumes, as their last
+  checkpoint recorded it, so an interrupted run reports the time of its whole training.
+  """
   best: dict
   last_good: int | None
+  seconds_before: float = 0.0
+  started: float = dataclasses.field(default_factory=time.time)
   pending: tuple | None = None
+
+  def train_seconds(self) -> float:
+    return self.seconds_before + time.time() - self.started
 
 
 def check_finite(name: str, step: int, metrics: dict, last_good: int | None, directory):
@@ -79,14 +88,15 @@ class _Loop:
 
   def resume(self, state):
     restored = self.ckpts.restore_latest(state)
-    latest, best = None, {"score": -1.0, "step": 0}
+    latest, meta = None, {"best": {"score": -1.0, "step": 0}}
     if restored is not None:
       latest, state, meta = restored
-      best = meta["best"]
       logging.info("%s: resumed at step %d from %s", self.program.name, latest,
                    self.ckpts.directory)
     self.best_ckpts.discard_after(latest or 0)
-    return state, _Progress(best=best, last_good=latest)
+    # Checkpoints written before the time was recorded resume from 0 seconds.
+    return state, _Progress(best=meta["best"], last_good=latest,
+                            seconds_before=meta.get("train_seconds", 0.0))
 
   def flush(self, progress: _Progress, bar):
     """Checks and logs the previous step's metrics (read one step late, so the
@@ -120,7 +130,8 @@ class _Loop:
         progress.best = {"score": score, "step": done}
         self.best_ckpts.save(done, variables, {"best": progress.best})
     if save_now:
-      self.ckpts.save(done, state, {"best": progress.best, "phase": self.program.name})
+      self.ckpts.save(done, state, {"best": progress.best, "phase": self.program.name,
+                                    "train_seconds": progress.train_seconds()})
       progress.last_good = done
 
   def final_variables(self, state, validate) -> dict:
@@ -153,7 +164,6 @@ def fit(program: phase_lib.PhaseProgram, spec: steps.StepSpec, state, train_data
   start = int(state["step"])
   bar = tqdm.tqdm(total=program.total_steps, initial=start, desc=program.name, unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
-  t0 = time.time()
   # Device-resident data is the same input every step (the step draws its batch);
   # a stream gives each step its batch, from where the run resumes.
   feed = (itertools.repeat(train_data) if spec.device_resident else
@@ -170,7 +180,7 @@ def fit(program: phase_lib.PhaseProgram, spec: steps.StepSpec, state, train_data
     # flight still commit, so a restart resumes from the newest checkpoint.
     bar.close()
     loop.wait_and_close(close=False)
-  train_seconds = time.time() - t0
+  train_seconds = progress.train_seconds()
   final = loop.final_variables(state, validate)
   loop.wait_and_close(close=True)
   return FitResult(variables=final, best_step=progress.best["step"],

@@ -410,3 +410,22 @@ def test_cpu_tier_keeps_full_resolution_and_every_afnet_part():
                                    **phase.model_kwargs.to_dict())["macs"]
   assert macs(config.student) <= 10e6 < macs(config.teacher)
   assert config.augment.rotation_deg > 0 and config.augment.erase_prob > 0
+
+
+@pytest.mark.parametrize("student", ["vgg", "mini_xception"])
+def test_cpu_tier_student_pairs_stages_of_the_teachers_size(student):
+  """MKD, AT and FitNets compare maps pixel by pixel: each paired stage must match the
+  teacher's in height and width, and the student stays within the `fer` package's cost."""
+  from fer_jax.tools import count  # pylint: disable=g-import-not-at-top
+  config = load_module("mkd").get_config(f"data=fer2013,tier=cpu,student={student}")
+  shapes = {name: phase_lib.output_shapes(
+      models.build(phase.model, num_classes=7, **phase.model_kwargs.to_dict()),
+      (48, 48, 1)).aux for name, phase in (("student", config.student),
+                                           ("teacher", config.teacher))}
+  pairs = config.student.terms.mkd.pairs
+  assert pairs
+  for student_layer, teacher_layer in pairs:
+    assert (shapes["student"][student_layer].shape[1:3]
+            == shapes["teacher"][teacher_layer].shape[1:3])
+  assert count.count(config.student.model, (48, 48, 1), num_classes=7,
+                     **config.student.model_kwargs.to_dict())["macs"] <= 10e6

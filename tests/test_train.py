@@ -71,6 +71,13 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
   # Each phase left a model directory holding its selected parameters.
   for phase in config.phases:
     assert (interrupted / phase / "model" / "model.json").is_file()
+  # The teacher finished before the interruption; resumed at its end, it reports the
+  # training time its last checkpoint recorded, not the zero steps of the resumed loop.
+  meta = json.loads((interrupted / "teacher" / "checkpoints" / "6" / "meta" / "metadata")
+                    .read_text())
+  assert meta["train_seconds"] > 0.5  # compiling alone takes longer
+  # results.json rounds to 0.1 s.
+  assert meta["train_seconds"] - 0.05 <= results["teacher/train_seconds"] < meta["train_seconds"] + 1
 
 
 @pytest.mark.slow  # builds a dataset and runs 3 times: 80 s
