@@ -92,8 +92,7 @@ def run_rows(suite: str, rows: list[str], seeds: list[int], workroot: str,
       command = (f"python -m fer_jax.main --config={module}:{arg} --workdir={workdir}")
     table[f"{row}/cpu_images_per_second"] = _cpu_images_per_second(config[phase], workdir)
     table[f"{row}/params"], table[f"{row}/macs"] = per_seed[-1]["params"], per_seed[-1]["macs"]
-    # Split metrics vary with the seed; time is rows.json's wall_seconds_per_seed
-    # (a re-evaluated seed's train_seconds would count only its evaluation).
+    # Split metrics vary with the seed; time is rows.json's wall_seconds_per_seed.
     for key in (k for k in per_seed[0] if "/" in k):
       values = np.array([r[key] for r in per_seed], np.float64)
       table[f"{row}/{key}"] = float(values.mean())
