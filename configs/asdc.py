@@ -16,19 +16,69 @@ Embedded default, 2 CPU cores:
   (tests/test_synthetic.py), so 8 epochs of MoCo on these faces learn mostly
   pose, lighting and identity, not expression.
 FER2013: --config=configs/asdc.py:data=fer2013 (``,tier=quick``: the 2-core budget of configs/common.py)
+  On a CPU-only machine this is the CPU tier (``tier=auto``): configs/mkd.py's 48 px VGG nets
+  as MoCo encoders (teacher width 16, student width 8), 15 teacher, 10 student and 20 probe
+  epochs. Not measured yet.
+
+Arguments (besides configs/common.py's):
+  supervised_teacher  the teacher is configs/mkd.py's supervised AFNet teacher, loaded from
+      ``teacher_checkpoint=DIR`` (required), instead of a MoCo teacher. The student still
+      sees no label before the probe: InfoNCE, DisCo against the teacher's pooled
+      embedding (through a learned linear map to its width, since a supervised teacher has
+      no projection head; our choice, the paper's teacher is self-supervised), and the two
+      feature terms on stage 4. So the labels reach the student only through the teacher.
+      FER2013 CPU tier, with the seed-2 teacher of experiments/fer2013_cpu/:
+        python -m fer_jax.main --config=configs/asdc.py:data=fer2013,supervised_teacher,teacher_checkpoint=TEACHER
 Smoke test: --config=configs/asdc.py:smoke
 """
 import ml_collections
 
 from configs import common
+from configs import mkd
 from fer_jax import config_utils as cu
 from fer_jax.data.augment import default_augment_config
 
+# The CPU tier (``tier=cpu``): configs/mkd.py's VGG-style nets, which keep all 48 px in
+# their first stage, as the MoCo encoders (teacher width 16, student width 8).
+CPU_ENCODERS = (dict(encoder="vgg_fer", encoder_kwargs=dict(width=16, fc_width=0)),
+                dict(encoder="vgg_fer", encoder_kwargs=mkd.CPU_STUDENT))
+# Epochs of the (teacher, student, probe) phases: the papers' MoCo schedule, what 2 CPU
+# cores afford in the CPU tier, and the embedded default's few minutes.
+EPOCHS = dict(full=(100, 100, 30), cpu=(15, 10, 20), embedded=(8, 8, 10))
+
+
+def _encoders(tier: str) -> tuple[dict, dict]:
+  """The (teacher, student) MoCo encoders of ``tier``."""
+  if tier == "cpu":
+    return CPU_ENCODERS
+  full_size = tier == "full"
+  stem = "small" if full_size else "imagenet"  # strided on the embedded faces for CPU speed
+  return tuple(dict(encoder="resnet18", encoder_kwargs=dict(stem=stem, width=width))
+               for width in ((64, 32) if full_size else (32, 16)))
+
+
+def _supervised_teacher(arg, tier: str, real: bool) -> ml_collections.ConfigDict:
+  """configs/mkd.py's AFNet teacher phase, loaded from its model directory (not trained here:
+  its supervised recipe differs from the MoCo views of this config's ``augment``)."""
+  if not arg.teacher_checkpoint:
+    raise cu.ConfigError(
+        "supervised_teacher: needs teacher_checkpoint=DIR, the model directory of a trained "
+        "AFNet teacher (configs/mkd.py:...,teacher_only writes <workdir>/teacher/model)")
+  return mkd.teacher_phase(tier, real)
+
+
+def _moco_phase(model: str, model_kwargs: dict, terms: dict, epochs: float, real: bool,
+                **fields) -> ml_collections.ConfigDict:
+  return cu.phase_config(
+      model, model_kwargs, terms, epochs=epochs, batch_size=256, plugin="moco", evaluate=False,
+      plugin_kwargs=dict(queue_size=8192 if real else 2048, ema_momentum=0.99),
+      optimizer=cu.optimizer_config("sgd", lr=0.06, weight_decay=1e-4), **fields)
+
 
 def get_config(arg=None):
-  arg = common.parse(arg)
+  arg = common.parse(arg, supervised_teacher=False)
   real = arg.data != "synthetic"
-  full_size = common.tier(arg) == "full"  # ``quick`` and ``cpu``: the embedded default's models
+  tier = common.tier(arg)
   config = ml_collections.ConfigDict()
   config.name = "asdc"
   config.data = cu.data_config(arg.data, smoke=arg.smoke)
@@ -38,33 +88,34 @@ def get_config(arg=None):
   config.augment.erase_prob = 0.5
   config.eval_batch_size = 512
   config.phases = ("teacher", "student", "probe")
-  epochs = 100 if real else 8
-  moco = dict(plugin="moco", evaluate=False,
-              plugin_kwargs=dict(queue_size=8192 if real else 2048, ema_momentum=0.99))
-  stem = "small" if full_size else "imagenet"  # strided on the embedded faces for CPU speed
-  teacher_encoder = dict(encoder="resnet18",
-                         encoder_kwargs=dict(stem=stem, width=64 if full_size else 32))
-  student_encoder = dict(encoder="resnet18",
-                         encoder_kwargs=dict(stem=stem, width=32 if full_size else 16))
-  config.teacher = cu.phase_config(
-      "contrastive", teacher_encoder, {"moco": dict(weight=1.0, temperature=0.2)},
-      epochs=epochs, batch_size=256, optimizer=cu.optimizer_config("sgd", lr=0.06, weight_decay=1e-4),
-      **moco)
-  config.student = cu.phase_config(
+  teacher_epochs, student_epochs, probe_epochs = EPOCHS[
+      ("cpu" if tier == "cpu" else "full") if real else "embedded"]
+  teacher_encoder, student_encoder = _encoders(tier)
+  moco = {"moco": dict(weight=1.0, temperature=0.2)}
+  if arg.supervised_teacher:
+    # DisCo matches the student's projection, mapped to its width, to the teacher's
+    # pooled embedding: a supervised teacher has no projection head.
+    config.teacher = _supervised_teacher(arg, tier, real)
+    disco = dict(teacher_layer="embedding", adapt=True)
+  else:
+    config.teacher = _moco_phase("contrastive", teacher_encoder, moco, teacher_epochs, real)
+    disco = dict(teacher_layer="projection", adapt=False)
+  config.student = _moco_phase(
       "contrastive", student_encoder,
-      {"moco": dict(weight=1.0, temperature=0.2),
-       "disco": dict(weight=1.0),
+      {**moco,
+       "disco": dict(weight=1.0, **disco),
        "attention": dict(kind="asdc_attention", weight=1.0, pairs=(("stage4", "stage4"),)),
        "key_feature": dict(kind="asdc_key_feature", weight=1.0, pairs=(("stage4", "stage4"),),
                            top_k_fraction=0.25)},
-      epochs=epochs, batch_size=256, teacher="teacher",
-      optimizer=cu.optimizer_config("sgd", lr=0.06, weight_decay=1e-4), **moco)
+      student_epochs, real, teacher="teacher")
   config.probe = cu.phase_config(
       "linear_probe", dict(encoder="contrastive", encoder_kwargs=student_encoder),
-      {"ce": dict(weight=1.0)}, epochs=30 if real else 10, batch_size=256,
+      {"ce": dict(weight=1.0)}, epochs=probe_epochs, batch_size=256,
       optimizer=cu.optimizer_config("sgd", lr=1.0, weight_decay=0.0),
       init_from="student", init_into="encoder", freeze=("encoder",))
   config.seed = 0
   if arg.smoke:
-    config.teacher.plugin_kwargs.queue_size = config.student.plugin_kwargs.queue_size = 64
+    for phase in config.phases:
+      if config[phase].plugin == "moco":
+        config[phase].plugin_kwargs.queue_size = 64
   return common.finish(config, arg)

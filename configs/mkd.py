@@ -119,13 +119,13 @@ def distill_terms(distill: str, variant: str, pairs) -> dict:
   })
 
 
-def _teacher(arg, real: bool):
-  model_kwargs, removed = cu.choose("teacher", arg.teacher, TEACHERS)
+def teacher_phase(tier: str, real: bool, ablation: str = "afnet", votes: bool = False):
+  """The AFNet teacher's phase in ``tier`` (also the supervised teacher of configs/asdc.py)."""
+  model_kwargs, removed = cu.choose("teacher", ablation, TEACHERS)
   # Vote distributions are soft already: no label smoothing on top.
-  ce = dict(weight=1.0, soft=arg.votes, label_smoothing=0.0 if arg.votes else 0.1)
+  ce = dict(weight=1.0, soft=votes, label_smoothing=0.0 if votes else 0.1)
   terms = {"ce": ce, "region": dict(kind="aux_loss", weight=0.1, key="region_loss")}
   terms = {k: v for k, v in terms.items() if k not in removed}
-  tier = common.tier(arg)
   if tier == "cpu":
     return cu.phase_config(
         "afnet", {**CPU_TEACHER, **model_kwargs}, terms, epochs=30, batch_size=128,
@@ -193,7 +193,7 @@ def get_config(arg=None):
     config.augment.update(crop_scale=(1.0, 1.0), rotation_deg=0.0, erase_prob=0.0,
                           occlusion_prob=0.2)
   config.eval_batch_size = 512
-  config.teacher = _teacher(arg, real)
+  config.teacher = teacher_phase(common.tier(arg), real, arg.teacher, arg.votes)
   config.student = _student(arg, real)
   if arg.teacher_only:
     config.phases = ("teacher",)

@@ -45,6 +45,10 @@ ROWS = {
 ROWS["VGG width 16 alone, 20 epochs"] = (
     "vgg16w_alone_e20", "student",
     f"{MAIN},distill=none,epochs=20{SMOOTHING} --config.student.model_kwargs.width=16")
+# The recipe separation: the same run without the synthetic occluders.
+ROWS["VGG width 16 alone, 20 epochs, no occluders"] = (
+    "vgg16w_alone_e20_noocc", "student",
+    ROWS["VGG width 16 alone, 20 epochs"][2] + " --config.augment.occlusion_prob=0")
 for _seed in (1, 2):
   ROWS[f"AFNet teacher (VGG width 16), seed {_seed}"] = (
       f"teacher_vgg16_s{_seed}", "teacher", f"{MAIN},teacher_only,seed={_seed}")
@@ -61,6 +65,15 @@ for _seed in (1, 2):
   ROWS[f"MKD (standardised), seed {_seed}"] = (
       f"student_mkd_s{_seed}", "student",
       f"{MAIN},distill=mkd,seed={_seed},teacher_checkpoint=TEACHER_SEED2")
+# Twice the students' 15 epochs, inside the 60-minute distillation budget.
+ROWS["Hinton KD, 30 epochs"] = (
+    "student_hinton_e30", "student",
+    f"{MAIN},distill=hinton,epochs=30,teacher_checkpoint=TEACHER_SEED2")
+# ASDC's distillation from the supervised teacher: the student sees no label before the probe.
+ROWS["ASDC linear probe, supervised teacher"] = (
+    "asdc_supervised_teacher", "probe",
+    "python -m fer_jax.main --config=configs/asdc.py:data=fer2013,tier=cpu,supervised_teacher,"
+    "teacher_checkpoint=TEACHER_SEED2")
 COLUMNS = ("private_test/accuracy", "private_test/flip_accuracy", "public_test/accuracy",
            "private_test_occluded/accuracy", "private_test/mean_class_accuracy")
 RECORDED = (*COLUMNS, "params", "macs", "train_seconds")

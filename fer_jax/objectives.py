@@ -284,17 +284,25 @@ class DisCo(nn.Module):
   """Gao et al. 2022: match the teacher's L2-normalised embeddings.
 
   In the contrastive phase the batch holds both augmented views, so one call
-  covers DisCo's two terms (query view and key view).
+  covers DisCo's two terms (query view and key view). ``adapt`` maps the
+  student's embedding to the teacher's width with a learned linear layer (as
+  FitNets' regressor does for maps), for a teacher of another width, e.g. a
+  supervised teacher's pooled embedding.
   """
   student_layer: str = "projection"
   teacher_layer: str = "projection"
+  adapt: bool = False
 
   def reads(self):
     return (("student", self.student_layer), ("teacher", self.teacher_layer))
 
+  @nn.compact
   def __call__(self, inputs, train):
-    return losses.disco_embedding(read(inputs, "student", self.student_layer),
-                                  read(inputs, "teacher", self.teacher_layer))
+    student = read(inputs, "student", self.student_layer)
+    teacher = read(inputs, "teacher", self.teacher_layer)
+    if self.adapt:
+      student = nn.Dense(teacher.shape[-1], name="adapt")(student)
+    return losses.disco_embedding(student, teacher)
 
 
 @TERMS.register("moco")

@@ -188,6 +188,9 @@ def untrained_phases(config, data: phase_lib.DataInfo, mesh,
   programs = setup_phases(config, data, mesh)
   built, trained = {}, {}
   for name in config.phases[:list(config.phases).index(until) + 1 if until else None]:
+    if name not in programs:  # a phase given as a trained model directory
+      trained[name] = model_dir.load(config_utils.parse_phase(config, name).checkpoint)
+      continue
     program = programs[name]
     state, spec = phase_lib.initial_state(program, data, trained)
     model = dataclasses.replace(program.template, variables=phase_lib.variables_of(state))

@@ -429,3 +429,46 @@ def test_cpu_tier_student_pairs_stages_of_the_teachers_size(student):
             == shapes["teacher"][teacher_layer].shape[1:3])
   assert count.count(config.student.model, (48, 48, 1), num_classes=7,
                      **config.student.model_kwargs.to_dict())["macs"] <= 10e6
+
+
+def test_cpu_tier_asdc_distils_the_supervised_teacher_without_labels():
+  """``supervised_teacher``: configs/mkd.py's CPU teacher, loaded; the student's terms read
+  no label, its maps pair with the teacher's, and the probe reads the student's encoder."""
+  from fer_jax import objectives as objectives_lib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match="supervised_teacher: needs teacher_checkpoint"):
+    load_module("asdc").get_config("data=fer2013,tier=cpu,supervised_teacher")
+  config = load_module("asdc").get_config(
+      "data=fer2013,tier=cpu,supervised_teacher,teacher_checkpoint=/ckpt/teacher/model")
+  cpu_mkd = load_module("mkd").get_config("data=fer2013,tier=cpu")
+  assert config.teacher.checkpoint == "/ckpt/teacher/model"
+  assert config.teacher.to_dict() == {**cpu_mkd.teacher.to_dict(),
+                                      "checkpoint": "/ckpt/teacher/model"}
+  assert config.student.model_kwargs.encoder_kwargs == cpu_mkd.student.model_kwargs
+  reads = objectives_lib.term_reads(objectives_lib.term_specs(config.student.terms))
+  assert ("batch", "label") not in {(source, layer) for _, source, layer in reads}
+  assert ("teacher", "embedding") in {(source, layer) for _, source, layer in reads}
+  teacher = phase_lib.output_shapes(models.build(
+      "afnet", num_classes=7, **config.teacher.model_kwargs.to_dict()), (48, 48, 1)).aux
+  student = phase_lib.output_shapes(models.build(
+      "contrastive", num_classes=7, **config.student.model_kwargs.to_dict()), (48, 48, 1)).aux
+  for pair in config.student.terms.attention.pairs:
+    assert student[pair[0]].shape[1:3] == teacher[pair[1]].shape[1:3]
+  assert config.probe.model_kwargs.encoder_kwargs == config.student.model_kwargs
+
+
+@pytest.mark.slow
+def test_asdc_student_distils_a_supervised_teacher_directory(tmp_path):
+  """The supervised-teacher variant end to end: a trained mkd teacher's model directory
+  is loaded, not retrained, and the student learns from it with its DisCo adapter."""
+  mkd_config = load_config("mkd", "smoke,teacher_only")
+  mkd_config.data.split_sizes = SPLIT_SIZES
+  train.train_and_evaluate(mkd_config, str(tmp_path / "mkd"))
+  teacher_dir = tmp_path / "mkd" / "teacher" / "model"
+  config = load_config("asdc", f"smoke,supervised_teacher,teacher_checkpoint={teacher_dir}")
+  config.data.split_sizes = SPLIT_SIZES
+  config.eval_batch_size = 16
+  results = train.train_and_evaluate(config, str(tmp_path / "asdc"))
+  assert not (tmp_path / "asdc" / "teacher").exists()
+  _, student = restore_latest(tmp_path / "asdc" / "student" / "checkpoints")
+  assert "adapt" in student["params"]["objective"]["disco"]
+  check_whole_multiple(results["probe/test/accuracy"], SPLIT_SIZES["test"], "probe accuracy")

@@ -131,3 +131,21 @@ def test_mkd_rejects_an_unknown_attention():
   inputs = _full_inputs(jax.random.key(0))
   with pytest.raises(ConfigError, match="mkd.attention must be one of"):
     objectives.TERMS.get("mkd")(attention="spatial").init(jax.random.key(0), inputs, True)
+
+
+def test_disco_adapter_maps_the_student_to_a_wider_teacher_embedding():
+  """A supervised teacher's pooled embedding (here 3 D wide) against the student's D-wide
+  projection: the learned linear map, then DisCo's squared distance of unit vectors."""
+  inputs = _full_inputs(jax.random.key(5))
+  teacher = jax.random.normal(jax.random.key(6), (B, 3 * D))
+  inputs["teacher"] = ModelOutput(None, {"embedding": teacher})
+  disco = objectives.TERMS.get("disco")(teacher_layer="embedding", adapt=True)
+  loss, variables = disco.init_with_output(jax.random.key(7), inputs, True)
+  dense = variables["params"]["adapt"]
+  student = (np.asarray(inputs["student"].aux["projection"], np.float64) @ dense["kernel"]
+             + dense["bias"])
+  unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
+  expected = np.sum((unit(student) - unit(np.asarray(teacher, np.float64))) ** 2) / B
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="must match"):
+    objectives.TERMS.get("disco")(teacher_layer="embedding").init(jax.random.key(7), inputs, True)
