@@ -17,7 +17,7 @@ Embedded default, 2 CPU cores:
   pose, lighting and identity, not expression.
 FER2013: --config=configs/asdc.py:data=fer2013 (``,tier=quick``: the 2-core budget of configs/common.py)
   On a CPU-only machine this is the CPU tier (``tier=auto``): configs/mkd.py's 48 px VGG nets
-  as MoCo encoders (teacher width 16, student width 8), 15 teacher, 10 student and 20 probe
+  as MoCo encoders (teacher width 16, student width 8), 20 teacher, 10 student and 20 probe
   epochs. Not measured yet.
 
 Arguments (besides configs/common.py's):
@@ -44,7 +44,9 @@ CPU_ENCODERS = (dict(encoder="vgg_fer", encoder_kwargs=dict(width=16, fc_width=0
                 dict(encoder="vgg_fer", encoder_kwargs=mkd.CPU_STUDENT))
 # Epochs of the (teacher, student, probe) phases: the papers' MoCo schedule, what 2 CPU
 # cores afford in the CPU tier, and the embedded default's few minutes.
-EPOCHS = dict(full=(100, 100, 30), cpu=(15, 10, 20), embedded=(8, 8, 10))
+# The CPU teacher's MoCo step ran 99 img/s on 2 idle Intel Xeon cores
+# (experiments/benchmarks/train_step.py), so its 20 epochs take about 97 minutes.
+EPOCHS = dict(full=(100, 100, 30), cpu=(20, 10, 20), embedded=(8, 8, 10))
 
 
 def _encoders(tier: str) -> tuple[dict, dict]:
