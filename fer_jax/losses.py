@@ -487,7 +487,8 @@ def _teacher_spatial_attention(fn_name: str, feature: jax.Array,
 
 def attention_weighted_feature_loss(
     student_feature: jax.Array, teacher_feature: jax.Array,
-    teacher_feature_for_attention: jax.Array | None = None) -> jax.Array:
+    teacher_feature_for_attention: jax.Array | None = None, *,
+    standardize: bool = False) -> jax.Array:
   """ASDC-FER attention-weighted joint feature distillation (reconstruction).
 
   Seed (c) guides the student "with joint attention-weighted features"; only
@@ -504,13 +505,15 @@ def attention_weighted_feature_loss(
     teacher_feature: [B, H, W, C], the distillation target.
     teacher_feature_for_attention: optional teacher map [B, H, W, C'] to take
       A_t from (e.g. a pre-projection map); defaults to ``teacher_feature``.
+    standardize: the squared error of ``standardize_channels`` of both maps
+      (PKD, as MKD's standardised variant); A_t still comes from the raw map.
 
   Returns:
     float32 scalar.
   """
   fn_name = "attention_weighted_feature_loss"
   student, teacher = _aligned_feature_pair(fn_name, student_feature,
-                                           teacher_feature)
+                                           teacher_feature, standardize)
   source = (teacher_feature if teacher_feature_for_attention is None else
             teacher_feature_for_attention)
   attention = _teacher_spatial_attention(fn_name, source, teacher.shape[:3])

@@ -326,8 +326,13 @@ class MoCo(nn.Module):
 
 @TERMS.register("asdc_attention")
 class ASDCAttentionFeature(nn.Module):
-  """ASDC-FER (seed c) attention-guided joint feature distillation, reconstructed."""
+  """ASDC-FER (seed c) attention-guided joint feature distillation, reconstructed.
+
+  ``standardize`` compares channel-standardised maps (PKD), for a teacher whose
+  maps are on another scale than the student's, e.g. a supervised one.
+  """
   pairs: tuple[tuple[str, str], ...] = (("stage4", "stage4"),)
+  standardize: bool = False
 
   def reads(self):
     return _pair_reads(self.pairs)
@@ -335,7 +340,8 @@ class ASDCAttentionFeature(nn.Module):
   @nn.compact
   def __call__(self, inputs, train):
     adapted = AdaptedPairs(self.pairs, name="adapt")(inputs)
-    return sum(losses.attention_weighted_feature_loss(s, t) for s, t in adapted) / len(adapted)
+    return sum(losses.attention_weighted_feature_loss(s, t, standardize=self.standardize)
+               for s, t in adapted) / len(adapted)
 
 
 @TERMS.register("asdc_key_feature")

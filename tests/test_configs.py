@@ -447,6 +447,8 @@ def test_cpu_tier_asdc_distils_the_supervised_teacher_without_labels():
   reads = objectives_lib.term_reads(objectives_lib.term_specs(config.student.terms))
   assert ("batch", "label") not in {(source, layer) for _, source, layer in reads}
   assert ("teacher", "embedding") in {(source, layer) for _, source, layer in reads}
+  # The supervised teacher's maps are on another scale: the feature term standardises.
+  assert config.student.terms.attention.standardize and config.student.optimizer.clip_norm > 0
   teacher = phase_lib.output_shapes(models.build(
       "afnet", num_classes=7, **config.teacher.model_kwargs.to_dict()), (48, 48, 1)).aux
   student = phase_lib.output_shapes(models.build(

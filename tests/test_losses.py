@@ -316,6 +316,12 @@ def test_standardized_feature_losses_match_reference_and_ignore_teacher_scale():
   _close(losses.standardize_channels(teacher), np_standardize_channels(teacher))
   # FitNets' hint takes the same switch: the unweighted mean of those locations.
   _close(losses.fitnet_hint(student, teacher, standardize=True), np.mean(per_location))
+  # So does ASDC's attention-weighted loss, its attention taken from the raw teacher map.
+  attention = np_attention_map(teacher, 2).reshape(3, 3, 3)
+  attention = attention / attention.mean(axis=(1, 2), keepdims=True)
+  asdc = jax.jit(functools.partial(losses.attention_weighted_feature_loss, standardize=True))
+  _close(asdc(student, teacher), np.mean(attention * per_location))
+  _close(asdc(student, 10 * teacher), np.mean(attention * per_location))
 
 
 @pytest.mark.parametrize("shape", [(6,), (6, 2)])
