@@ -70,10 +70,15 @@ ROWS["Hinton KD, 30 epochs"] = (
     "student_hinton_e30", "student",
     f"{MAIN},distill=hinton,epochs=30,teacher_checkpoint=TEACHER_SEED2")
 # ASDC's distillation from the supervised teacher: the student sees no label before the probe.
-ROWS["ASDC linear probe, supervised teacher"] = (
-    "asdc_supervised_teacher", "probe",
-    "python -m fer_jax.main --config=configs/asdc.py:data=fer2013,tier=cpu,supervised_teacher,"
-    "teacher_checkpoint=TEACHER_SEED2")
+# The probe's MoCo learning rate (1.0) oscillated on PublicTest; the second row probes the
+# same student (its phase directory copied) at 0.1.
+ASDC_SUPERVISED = ("python -m fer_jax.main --config=configs/asdc.py:data=fer2013,tier=cpu,"
+                   "supervised_teacher,teacher_checkpoint=TEACHER_SEED2")
+ROWS["ASDC linear probe, supervised teacher, probe lr 1.0"] = (
+    "asdc_supervised_teacher", "probe", ASDC_SUPERVISED)
+ROWS["ASDC linear probe, supervised teacher, probe lr 0.1"] = (
+    "asdc_supervised_teacher_probe_lr01", "probe",
+    f"{ASDC_SUPERVISED} --config.probe.optimizer.lr=0.1")
 COLUMNS = ("private_test/accuracy", "private_test/flip_accuracy", "public_test/accuracy",
            "private_test_occluded/accuracy", "private_test/mean_class_accuracy")
 RECORDED = (*COLUMNS, "params", "macs", "train_seconds")
