@@ -43,7 +43,7 @@ from fer_jax.data.augment import default_augment_config
 
 # The CPU tier (``tier=cpu``): configs/mkd.py's VGG-style nets, which keep all 48 px in
 # their first stage, as the MoCo encoders (teacher width 16, student width 8).
-CPU_ENCODERS = (dict(encoder="vgg_fer", encoder_kwargs=dict(width=16, fc_width=0)),
+CPU_ENCODERS = (dict(encoder="vgg_fer", encoder_kwargs=mkd.CPU_TEACHER["backbone_kwargs"]),
                 dict(encoder="vgg_fer", encoder_kwargs=mkd.CPU_STUDENT))
 # Epochs of the (teacher, student, probe) phases: the papers' MoCo schedule, what 2 CPU
 # cores afford in the CPU tier, and the embedded default's few minutes.

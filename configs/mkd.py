@@ -29,8 +29,9 @@ FER2013 (built from ../shared/data or your download on first use):
   for Hinton and 58.32 % alone). Over three seeds: teacher 65.68 ± 0.48 %, alone
   59.25 ± 0.95 %, Hinton 60.94 ± 0.20 %, MKD 60.63 ± 0.07 % (PublicTest: a tie). Twice the
   epochs help more than the choice of KD: ``distill=hinton,epochs=30`` gave 62.55 %
-  (61.38 % PublicTest) in 60 min 0 s, and is the shipped fer2013-student. With an accelerator ``auto`` takes the papers'
-  sizes (``tier=full``); ``tier=quick`` is the old 2-core smoke budget.
+  (61.38 % PublicTest) in 60 min 0 s, and is the shipped fer2013-student. With an
+  accelerator ``auto`` takes the papers' sizes (``tier=full``); ``tier=quick`` is the old
+  2-core smoke budget.
 
 Arguments (besides configs/common.py's):
   variant=standardized|raw  how MKD (and FitNets) compare feature maps.
