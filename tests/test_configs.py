@@ -464,7 +464,7 @@ def test_every_cpu_tier_table_command_loads_its_config():
   row's teacher is the checkpoint it names."""
   import shlex  # pylint: disable=g-import-not-at-top
   from experiments import cpu_tier  # pylint: disable=g-import-not-at-top
-  for data, (rows, _) in cpu_tier.TABLES.items():
+  for data, (rows, _, _) in cpu_tier.TABLES.items():
     for name, (_, phase, command) in rows.items():
       argv = shlex.split(command.replace("TEACHER_SEED2", "/ckpt/s2").replace(
           "TEACHER", "/ckpt/s0").replace("configs/", f"{CONFIG_DIR}/"))
