@@ -62,12 +62,14 @@ def load_module(name: str):
   return module
 
 
-def load_config(name: str, arg: str):
-  """``--config=configs/<name>.py:<arg>`` as fer_jax.main parses it (locked)."""
+def load_config(name: str, arg: str, *overrides: str):
+  """``--config=configs/<name>.py:<arg> [--config.x=v ...]`` as fer_jax.main parses it (locked)."""
+  argv = ["test", f"--config={CONFIG_DIR / name}.py:{arg}", *overrides]
   flag_values = flags.FlagValues()
+  # Override flags are declared from the command line the config flag is defined with.
   config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values,
-                                  lock_config=True)
-  flag_values(["test", f"--config={CONFIG_DIR / name}.py:{arg}"])
+                                  lock_config=True, sys_argv=argv)
+  flag_values(argv)
   return flag_values.config
 
 
@@ -466,18 +468,13 @@ def test_every_cpu_tier_table_command_loads_its_config():
   from experiments import cpu_tier  # pylint: disable=g-import-not-at-top
   for data, (rows, _, _) in cpu_tier.TABLES.items():
     for name, (_, phase, command) in rows.items():
-      argv = shlex.split(command.replace("TEACHER_SEED2", "/ckpt/s2").replace(
-          "TEACHER", "/ckpt/s0").replace("configs/", f"{CONFIG_DIR}/"))
-      assert argv[:3] == ["python", "-m", "fer_jax.main"], name
-      flag_values = flags.FlagValues()
-      # Override flags are declared from the command line the config flag is defined with.
-      config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values,
-                                      lock_config=True, sys_argv=["main", *argv[3:]])
-      flag_values(["main", *argv[3:]])
-      config = flag_values.config
+      command = command.replace("TEACHER_SEED2", "/ckpt/s2").replace("TEACHER", "/ckpt/s0")
+      program, config_flag, *overrides = shlex.split(command)[2:]
+      assert program == "fer_jax.main", name
+      config_name, arg = config_flag.removeprefix("--config=configs/").split(".py:")
+      config = load_config(config_name, arg, *overrides)
       assert config.data.name == data and phase in config.phases, name
-      assert config.get("teacher", {}).get("checkpoint", "") in command.replace(
-          "TEACHER_SEED2", "/ckpt/s2").replace("TEACHER", "/ckpt/s0"), name
+      assert config.get("teacher", {}).get("checkpoint", "") in command, name
 
 
 @pytest.mark.slow
