@@ -63,7 +63,7 @@ def load_module(name: str):
 
 
 def load_config(name: str, arg: str, *overrides: str):
-  """``--config=configs/<name>.py:<arg> [--config.x=v ...]`` as fer_jax.main parses it (locked)."""
+  """``--config=configs/<name>.py:<arg> [--config.x=v ...]``, parsed as fer_jax.main does."""
   argv = ["test", f"--config={CONFIG_DIR / name}.py:{arg}", *overrides]
   flag_values = flags.FlagValues()
   # Override flags are declared from the command line the config flag is defined with.
