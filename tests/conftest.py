@@ -17,13 +17,17 @@ import pytest  # noqa: E402
 # Many tests compile the same programs (a resumed run recompiles what the
 # straight run compiled). A session-wide persistent cache lets the repeats load
 # the executable instead; it starts empty, so nothing leaks between sessions.
-_XLA_CACHE = tempfile.mkdtemp(prefix="fer_jax_xla_cache_")
-jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+# The pytest-xdist workers start after this module ran in the controller and
+# inherit its environment, so they all share the controller's cache.
+_CACHE_VARIABLE = "FER_JAX_TEST_XLA_CACHE"
+os.environ.setdefault(_CACHE_VARIABLE, tempfile.mkdtemp(prefix="fer_jax_xla_cache_"))
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def pytest_sessionfinish(session, exitstatus):
-  shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+  if not hasattr(session.config, "workerinput"):  # the controller, or a run without workers
+    shutil.rmtree(os.environ[_CACHE_VARIABLE], ignore_errors=True)
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 

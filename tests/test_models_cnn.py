@@ -473,6 +473,7 @@ def test_conv_takes_the_patch_form_on_cpu_only_where_it_applies_and_force_overri
     layers.Conv(4, 3, impl="im2col").init(KEY, x)
 
 
+@pytest.mark.slow  # 2 compiles of the whole net, 35 s; each form's unit test runs by default
 def test_vgg_gradients_are_the_same_in_both_conv_forms():
   model = models.build("vgg_fer", num_classes=NUM_CLASSES, width=4, fc_width=0)
   x = jax.random.normal(KEY, (4, 48, 48, 1))
