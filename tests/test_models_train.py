@@ -15,8 +15,9 @@ as fixed.
 
 Initialising and compiling a step takes 10-90 s per model on the 2 shared CPU
 cores, so the default run trains only vgg_fer (the CPU tier's net) and linear_probe
-(each under ~30 s); resnet18 also trains in the default run through the tests'
-tiny config (tests/test_steps.py, tests/test_train.py). Every other case is
+(each 20-35 s); resnet18 also trains in the default run through the tests'
+tiny config (tests/test_steps.py, tests/test_train.py), but its per-parameter
+checks here run with ``-m slow``. Every other case is
 ``@pytest.mark.slow``: afnet, contrastive, efficientformer_l1/l3, emonet (small, and
 at its native 256x256x3), ir50, mini_xception, mobilefacenet, mobilenet_v2, resnet18,
 resnet34 and resnet50.
@@ -84,7 +85,7 @@ CASES = {
     "resnet50": Case("resnet50", TINY_RESNET),
     "vgg_fer": Case("vgg_fer", dict(width=4, fc_width=16)),
 }
-# Each under ~20 s on the 2 CPU cores; every other case takes 24-92 s.
+# Each 20-35 s on the 2 CPU cores; every other case takes 24-92 s.
 DEFAULT_RUN = {"linear_probe", "vgg_fer"}
 
 
