@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from fer_jax.models import afnet
+from helpers import normal
 
 BATCH, SIZE = 2, 48
 FPN_DIM, EMBED_DIM, NUM_REGIONS, NUM_CLASSES = 8, 8, 4, 7
@@ -54,7 +55,7 @@ def train_apply(model, variables, images, seed):
 
 @pytest.fixture(scope="module")
 def images():
-  return jax.random.normal(jax.random.key(0), (BATCH, SIZE, SIZE, 1))
+  return normal(0, (BATCH, SIZE, SIZE, 1))
 
 
 @pytest.fixture(scope="module")

@@ -119,7 +119,7 @@ def test_bad_input_is_rejected(abstract_8_class, shape, message):
 def test_fan_gets_no_gradient_and_keeps_its_statistics():
   model = emonet.EmoNet(num_classes=8, num_head_blocks=SMALL_HEAD_BLOCKS)
   variables = _random_variables(model, SMALL_SIDE, seed=0)
-  images = jax.random.uniform(jax.random.key(1), (2, SMALL_SIDE, SMALL_SIDE, 3))
+  images = np.random.default_rng(1).uniform(size=(2, SMALL_SIDE, SMALL_SIDE, 3)).astype(np.float32)
 
   def loss(params):
     (logits, aux), updates = model.apply(
@@ -155,7 +155,7 @@ def test_fan_statistics_move_when_not_frozen():
                         num_head_blocks=SMALL_HEAD_BLOCKS,
                         freeze_fan_batch_stats=False)
   variables = _random_variables(model, SMALL_SIDE, seed=0)
-  images = jax.random.uniform(jax.random.key(1), (2, SMALL_SIDE, SMALL_SIDE, 3))
+  images = np.random.default_rng(1).uniform(size=(2, SMALL_SIDE, SMALL_SIDE, 3)).astype(np.float32)
   _, updates = jax.jit(
       lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
           variables, images)

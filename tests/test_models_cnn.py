@@ -18,6 +18,7 @@ import pytest
 
 from fer_jax import models
 from fer_jax.models import layers, resnet
+from helpers import normal
 
 NUM_CLASSES = 7
 NUM_VA = 2
@@ -423,10 +424,9 @@ def _numpy_kernel_grad(x, grad_out, kernel_size):
 def test_patch_grad_conv_equals_lax_in_value_and_gradients(monkeypatch, batch, kernel_size,
                                                            chunk_bytes):
   monkeypatch.setattr(layers, "PATCH_CHUNK_BYTES", chunk_bytes)
-  keys = jax.random.split(KEY, 3)
-  x = jax.random.normal(keys[0], (batch, 10, 10, 3))
-  kernel = jax.random.normal(keys[1], (*kernel_size, 3, 4))
-  weights = jax.random.normal(keys[2], (batch, 10, 10, 4))
+  x = normal(0, (batch, 10, 10, 3))
+  kernel = normal(1, (*kernel_size, 3, 4))
+  weights = normal(2, (batch, 10, 10, 4))
   padding = tuple((k // 2, k // 2) for k in kernel_size)
   lax_conv = lambda x, w: jax.lax.conv_general_dilated(
       x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -476,7 +476,7 @@ def test_conv_takes_the_patch_form_on_cpu_only_where_it_applies_and_force_overri
 @pytest.mark.slow  # 2 compiles of the whole net, 35 s; each form's unit test runs by default
 def test_vgg_gradients_are_the_same_in_both_conv_forms():
   model = models.build("vgg_fer", num_classes=NUM_CLASSES, width=4, fc_width=0)
-  x = jax.random.normal(KEY, (4, 48, 48, 1))
+  x = normal(0, (4, 48, 48, 1))
   variables = model.init(KEY, x)
 
   def grads():
@@ -492,8 +492,8 @@ def test_vgg_gradients_are_the_same_in_both_conv_forms():
 
 def test_max_pool2_cpu_form_equals_lax_pooling_in_value_and_gradient():
   # Odd sides: the trailing row and column are dropped in both forms.
-  x = jax.random.normal(KEY, (2, 9, 7, 3))
-  weights = jax.random.normal(jax.random.key(3), (2, 4, 3, 3))
+  x = normal(0, (2, 9, 7, 3))
+  weights = normal(3, (2, 4, 3, 3))
   loss = lambda x: jnp.sum(layers.max_pool2(x) * weights)
   with layers.force_layer_forms("cpu"):
     cpu_value, cpu_grad = jax.value_and_grad(loss)(x)

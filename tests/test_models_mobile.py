@@ -25,6 +25,7 @@ from fer_jax.models import efficientformer
 from fer_jax.models import layers
 from fer_jax.models import mobilenet_v2
 from fer_jax.tools.count import count
+from helpers import normal
 
 TWINS_PATH = (pathlib.Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
               / "torch_twins.py")
@@ -68,14 +69,13 @@ DEPTHWISE_CASES = [
 @pytest.mark.parametrize("spatial,kernel_size,strides,padding", DEPTHWISE_CASES)
 def test_depthwise_shifted_equals_native_forward_and_gradient(spatial, kernel_size, strides,
                                                               padding):
-  x = jax.random.normal(jax.random.key(0), (2, *spatial, 5))
+  x = normal(0, (2, *spatial, 5))
   conv = {impl: layers.DepthwiseConv(kernel_size, strides, padding, impl=impl)
           for impl in ("native", "shifted")}
   shapes = {impl: jax.eval_shape(conv[impl].init, jax.random.key(1), x) for impl in conv}
   assert jax.tree.map(jnp.shape, shapes["shifted"]) == jax.tree.map(jnp.shape, shapes["native"])
   variables = random_variables(conv["native"], x.shape)
-  target = jax.random.normal(jax.random.key(2),
-                             jax.eval_shape(conv["native"].apply, variables, x).shape)
+  target = normal(2, jax.eval_shape(conv["native"].apply, variables, x).shape)
 
   @jax.jit
   def outputs_and_grads(v, inputs):
@@ -92,7 +92,7 @@ def test_depthwise_shifted_equals_native_forward_and_gradient(spatial, kernel_si
 
 def test_depthwise_kernel_layout_matches_nn_conv():
   """A grouped nn.Conv checkpoint (kernel [k, k, 1, C], bias [C]) loads as is."""
-  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
+  x = normal(0, (2, 9, 9, 4))
   grouped = nn.Conv(4, (3, 3), 2, ((1, 1), (1, 1)), feature_group_count=4)
   variables = random_variables(grouped, x.shape)
   expected = jax.jit(grouped.apply)(variables, x)
@@ -234,7 +234,7 @@ def test_mobilenet_v2_exact_reference_parameter_count():
 ])
 def test_train_step_updates_batch_stats_and_reaches_every_parameter(name, fields, input_shape):
   model = models.build(name, num_classes=7, num_va=2, **fields)
-  x = jax.random.normal(jax.random.key(0), (2, *input_shape))
+  x = normal(0, (2, *input_shape))
   variables = random_variables(model, x.shape)
 
   def loss(params):

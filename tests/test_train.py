@@ -1,5 +1,4 @@
 """The trainer: exact resume, the NaN stop, set-up errors before compiling, the command line."""
-import dataclasses
 import json
 import os
 import pathlib
@@ -24,10 +23,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _straight_and_interrupted(config, tmp_path, monkeypatch):
-  """Runs ``config`` straight through, and again stopped in the student phase after
-  its step-3 checkpoint, then resumed; returns both workdirs."""
-  config.student.checkpoint_every_steps = 3
-  config.teacher.checkpoint_every_steps = 3
+  """Runs ``config`` (4 steps a phase) straight through, and again stopped in the
+  student phase after its step-2 checkpoint, then resumed; returns both workdirs."""
+  config.student.checkpoint_every_steps = 2
+  config.teacher.checkpoint_every_steps = 2
   straight = tmp_path / "straight"
   train.train_and_evaluate(config, str(straight))
 
@@ -40,7 +39,7 @@ def _straight_and_interrupted(config, tmp_path, monkeypatch):
 
     def wrapped(*args):
       calls["n"] += 1
-      if spec.teacher is not None and calls["n"] == 5:  # student, after the step-3 save
+      if spec.teacher is not None and calls["n"] == 3:  # student, after the step-2 save
         raise KeyboardInterrupt("simulated preemption")
       return step_fn(*args)
     return wrapped
@@ -50,12 +49,12 @@ def _straight_and_interrupted(config, tmp_path, monkeypatch):
     train.train_and_evaluate(config, str(interrupted))
   monkeypatch.setattr(steps, "make_train_step", real_make)
   step, _ = restore_raw(interrupted / "student" / "checkpoints")
-  assert step == 3
+  assert step == 2
   train.train_and_evaluate(config, str(interrupted))
 
   step_a, state_a = restore_raw(straight / "student" / "checkpoints")
   step_b, state_b = restore_raw(interrupted / "student" / "checkpoints")
-  assert step_a == step_b == 6
+  assert step_a == step_b == 4
   chex.assert_trees_all_equal(state_a["params"], state_b["params"])
   chex.assert_trees_all_equal(state_a["opt_state"], state_b["opt_state"])
   results = json.loads((interrupted / "results.json").read_text())
@@ -65,7 +64,9 @@ def _straight_and_interrupted(config, tmp_path, monkeypatch):
 
 
 def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
-  config = tiny_config(steps_per_phase=6)
+  # The default tiny config compiles the same programs as test_steps.py and the
+  # NaN test below: with the shared compilation cache, each is compiled once.
+  config = tiny_config()
   _, interrupted, results = _straight_and_interrupted(config, tmp_path, monkeypatch)
   assert "student/test/accuracy" in results and "student/test_occluded_eyes/accuracy" in results
   # Each phase left a model directory holding its selected parameters.
@@ -73,7 +74,7 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
     assert (interrupted / phase / "model" / "model.json").is_file()
   # The teacher finished before the interruption; resumed at its end, it reports the
   # training time its last checkpoint recorded, not the zero steps of the resumed loop.
-  meta = json.loads((interrupted / "teacher" / "checkpoints" / "6" / "meta" / "metadata")
+  meta = json.loads((interrupted / "teacher" / "checkpoints" / "4" / "meta" / "metadata")
                     .read_text())
   recorded = meta["train_seconds"]
   assert recorded > 0.5  # compiling alone takes longer
@@ -86,7 +87,7 @@ def test_a_training_split_over_the_memory_limit_streams_and_resumes_exactly(
     tmp_path, monkeypatch):
   from test_data_builders import write_affectnet_download  # pylint: disable=g-import-not-at-top
   write_affectnet_download(tmp_path / "download")
-  config = tiny_config(steps_per_phase=6)
+  config = tiny_config()
   config.data = cu.data_config("affectnet")
   config.data.update(manual_dir=str(tmp_path / "download"), data_dir=str(tmp_path / "tfds"),
                      occlusion_kinds=("eyes",), max_resident_mb=0.01)
@@ -102,22 +103,20 @@ def test_a_training_split_over_the_memory_limit_streams_and_resumes_exactly(
   _straight_and_interrupted(config, tmp_path, monkeypatch)
   # 8 training faces (32x32x3, 24 KiB: over the limit) never loaded whole; the
   # 16 validation faces were. Each phase streamed from its start; on resuming, the
-  # finished teacher from its end and the student from step 3.
+  # finished teacher from its end and the student from step 2.
   assert set(loaded) == {16}
-  assert starts == [0, 0, 0, 0, 6, 3]
+  assert starts == [0, 0, 0, 0, 4, 2]
 
 
 def test_non_finite_loss_stops_with_diagnosis_and_keeps_checkpoint(tmp_path, monkeypatch):
-  config = tiny_config(steps_per_phase=4)
+  # The tiny teacher's own program (the resume test compiled it): the loss weights
+  # are arguments of the step, so an infinite one needs no other program.
+  config = tiny_config()
   config.phases = ("teacher",)
   del config["student"]
   config.teacher.checkpoint_every_steps = 2
-  config.teacher.terms = {"ce": dict(weight=1.0),
-                          "blowup": dict(kind="ce", weight=1.0, label_smoothing=0.0)}
   mesh = train.make_mesh()
   phase, arrays = untrained(config, mesh, "teacher")
-  program = dataclasses.replace(phase.program,
-                                weights=dict(phase.program.weights, blowup=jnp.float32(0.0)))
   original = steps.make_train_step
 
   def poisoned(spec, instrument=lambda f: f):
@@ -125,17 +124,17 @@ def test_non_finite_loss_stops_with_diagnosis_and_keeps_checkpoint(tmp_path, mon
     fn = original(spec, instrument)
     def call(state, weights, *rest):
       if int(jax.device_get(state["step"])) >= 2:
-        weights = dict(weights, blowup=jnp.float32(np.inf))
+        weights = dict(weights, ce=jnp.float32(np.inf))
       return fn(state, weights, *rest)
     return call
 
   monkeypatch.setattr(steps, "make_train_step", poisoned)
   data = jax.device_put(arrays["train"], steps.replicated(mesh))
   with pytest.raises(FloatingPointError) as err:
-    fit_lib.fit(program, phase.spec, phase.state, data, {}, tmp_path / "teacher",
+    fit_lib.fit(phase.program, phase.spec, phase.state, data, {}, tmp_path / "teacher",
                 fit_lib.MetricWriter(tmp_path / "m.jsonl"), None)
   message = str(err.value)
-  assert "step 3" in message and "blowup=" in message and "ce=" in message
+  assert "step 3" in message and "ce=" in message
   assert "last good checkpoint is step 2" in message
   step, state = restore_raw(tmp_path / "teacher" / "checkpoints")
   assert step == 2
