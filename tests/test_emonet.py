@@ -116,10 +116,15 @@ def test_bad_input_is_rejected(abstract_8_class, shape, message):
                    jax.ShapeDtypeStruct(shape, jnp.float32))
 
 
+def _small_images() -> np.ndarray:
+  """Two RGB faces of uniform noise in [0, 1), drawn by numpy (no compiled draw)."""
+  return np.random.default_rng(1).uniform(size=(2, SMALL_SIDE, SMALL_SIDE, 3)).astype(np.float32)
+
+
 def test_fan_gets_no_gradient_and_keeps_its_statistics():
   model = emonet.EmoNet(num_classes=8, num_head_blocks=SMALL_HEAD_BLOCKS)
   variables = _random_variables(model, SMALL_SIDE, seed=0)
-  images = np.random.default_rng(1).uniform(size=(2, SMALL_SIDE, SMALL_SIDE, 3)).astype(np.float32)
+  images = _small_images()
 
   def loss(params):
     (logits, aux), updates = model.apply(
@@ -155,7 +160,7 @@ def test_fan_statistics_move_when_not_frozen():
                         num_head_blocks=SMALL_HEAD_BLOCKS,
                         freeze_fan_batch_stats=False)
   variables = _random_variables(model, SMALL_SIDE, seed=0)
-  images = np.random.default_rng(1).uniform(size=(2, SMALL_SIDE, SMALL_SIDE, 3)).astype(np.float32)
+  images = _small_images()
   _, updates = jax.jit(
       lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
           variables, images)

@@ -17,15 +17,15 @@ STAGES = {f"stage{i}": (B, 8 // 2 ** (i - 2) if i < 5 else 1, 8 // 2 ** (i - 2) 
 def _full_inputs(seed):
   """Every input any term reads by default, random."""
   rng = np.random.default_rng(seed)
-  normal = lambda shape: jnp.asarray(rng.standard_normal(shape, np.float32))
-  aux = {**{name: normal(shape) for name, shape in STAGES.items()},
-         "projection": normal((B, D)), "va": jnp.tanh(normal((B, 2))),
+  draw = lambda shape: jnp.asarray(rng.standard_normal(shape, np.float32))
+  aux = {**{name: draw(shape) for name, shape in STAGES.items()},
+         "projection": draw((B, D)), "va": jnp.tanh(draw((B, 2))),
          "region_loss": jnp.float32(0.3)}
-  model = lambda: ModelOutput(normal((B, K)), {k: normal(v.shape) for k, v in aux.items()})
-  batch = {"label": jnp.arange(B) % K, "soft_label": jax.nn.softmax(normal((B, K))),
-           "valence": jnp.tanh(normal((B,))), "arousal": jnp.tanh(normal((B,)))}
+  model = lambda: ModelOutput(draw((B, K)), {k: draw(v.shape) for k, v in aux.items()})
+  batch = {"label": jnp.arange(B) % K, "soft_label": jax.nn.softmax(draw((B, K))),
+           "valence": jnp.tanh(draw((B,))), "arousal": jnp.tanh(draw((B,)))}
   return {"student": model(), "teacher": model(), "momentum": model(), "batch": batch,
-          "queue": {"keys": normal((16, D))}}
+          "queue": {"keys": draw((16, D))}}
 
 
 def _only_declared(inputs, reads):

@@ -64,8 +64,8 @@ def _straight_and_interrupted(config, tmp_path, monkeypatch):
 
 
 def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
-  # The default tiny config compiles the same programs as test_steps.py and the
-  # NaN test below: with the shared compilation cache, each is compiled once.
+  # The default tiny config: its teacher and student steps are the programs that
+  # test_steps.py and the NaN test below compile, so the shared cache can serve them.
   config = tiny_config()
   _, interrupted, results = _straight_and_interrupted(config, tmp_path, monkeypatch)
   assert "student/test/accuracy" in results and "student/test_occluded_eyes/accuracy" in results
@@ -77,7 +77,7 @@ def test_resume_after_interruption_is_exact(tmp_path, monkeypatch):
   meta = json.loads((interrupted / "teacher" / "checkpoints" / "4" / "meta" / "metadata")
                     .read_text())
   recorded = meta["train_seconds"]
-  assert recorded > 0.5  # compiling alone takes longer
+  assert recorded > 0.5  # loading the compiled step alone takes longer
   # results.json rounds to 0.1 s.
   assert recorded - 0.05 <= results["teacher/train_seconds"] < recorded + 1
 
