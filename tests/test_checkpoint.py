@@ -1,6 +1,7 @@
 """Orbax checkpoints: an interrupted save never becomes the latest step; a damaged
 latest step falls back to the previous one; a failed write is one clear error."""
 import errno
+import logging
 import os
 import pathlib
 import signal
@@ -9,8 +10,11 @@ import sys
 import textwrap
 import time
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fer_jax.checkpoint import CheckpointError, Checkpoints
 
@@ -99,3 +103,31 @@ def test_a_failed_write_is_one_clear_error_and_the_previous_step_stays_intact(
   step, state, _ = Checkpoints(tmp_path).restore_latest({"w": np.zeros(4, np.float32)})
   assert step == 1
   np.testing.assert_array_equal(state["w"], np.ones(4, np.float32))
+
+
+def test_a_replicated_state_saves_without_compiling_and_restores_onto_its_sharding(
+    tmp_path, caplog):
+  # Orbax's default splits an array with a dimension divisible by the replicas among
+  # them, compiling one slicing program per array shape and device.
+  replicated = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), PartitionSpec())
+  state = jax.device_put({"w": np.arange(48, dtype=np.float32).reshape(8, 6),
+                          "b": np.arange(16, dtype=np.float32)}, replicated)
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    ckpts = Checkpoints(tmp_path)
+    ckpts.save(1, state, {"step": 1})
+    ckpts.wait()
+  assert jax.device_count() == 8 and "Compiling" not in caplog.text, caplog.text
+  _, restored, _ = Checkpoints(tmp_path).restore_latest(state)
+  for name, array in restored.items():
+    np.testing.assert_array_equal(array, state[name])
+    assert array.sharding == replicated, name
+
+
+def test_a_checkpoint_of_orbax_standard_handler_restores(tmp_path):
+  """Runs saved before the state had its own handler (Orbax's StandardSave) resume."""
+  with ocp.CheckpointManager(tmp_path) as manager:
+    manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": np.ones(4)}),
+                                            meta=ocp.args.JsonSave({"step": 3})))
+  step, state, meta = Checkpoints(tmp_path).restore_latest({"w": np.zeros(4)})
+  assert (step, meta) == (3, {"step": 3})
+  np.testing.assert_array_equal(state["w"], np.ones(4))
