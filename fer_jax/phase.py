@@ -82,6 +82,12 @@ def build_model(cfg: PhaseConfig, num_classes: int, where: str) -> nn.Module:
     raise ConfigError(f"{where}.model_kwargs: {e}") from None
 
 
+# Tracing a full-size model takes seconds, and the phases of a run, or the rows of an
+# experiment, ask again and again for the same few. Keyed by the module's repr, which
+# lists every field (Linen modules with dict fields cannot be hashed).
+_OUTPUT_SHAPES: dict[tuple, objectives.ModelOutput] = {}
+
+
 def output_shapes(model: nn.Module, image_shape) -> objectives.ModelOutput:
   """The shapes of ``model``'s logits and aux on a batch of two (traced, not run)."""
   def forward(x):
@@ -89,7 +95,12 @@ def output_shapes(model: nn.Module, image_shape) -> objectives.ModelOutput:
                            x, train=False)
     logits, aux = model.apply(variables, x, train=False)
     return objectives.ModelOutput(logits, dict(aux))
-  return jax.eval_shape(forward, jax.ShapeDtypeStruct((2, *image_shape), jnp.float32))
+  key = (type(model), repr(model), tuple(image_shape))
+  if key not in _OUTPUT_SHAPES:
+    _OUTPUT_SHAPES[key] = jax.eval_shape(
+        forward, jax.ShapeDtypeStruct((2, *image_shape), jnp.float32))
+  shapes = _OUTPUT_SHAPES[key]
+  return objectives.ModelOutput(shapes.logits, dict(shapes.aux))
 
 
 def make_optimizer(cfg: PhaseConfig, total_steps: int, params) -> optax.GradientTransformation:
