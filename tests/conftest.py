@@ -18,9 +18,13 @@ import pytest  # noqa: E402
 # straight run compiled). A session-wide persistent cache lets the repeats load
 # the executable instead; it starts empty, so nothing leaks between sessions.
 # The pytest-xdist workers start after this module ran in the controller and
-# inherit its environment, so they all share the controller's cache.
+# inherit its environment, so they all share the controller's cache; so do the
+# command lines that tests run as subprocesses, through JAX's own variables.
 _CACHE_VARIABLE = "FER_JAX_TEST_XLA_CACHE"
 os.environ.setdefault(_CACHE_VARIABLE, tempfile.mkdtemp(prefix="fer_jax_xla_cache_"))
+os.environ.update(JAX_COMPILATION_CACHE_DIR=os.environ[_CACHE_VARIABLE],
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+# In this process JAX may have been imported (by a plugin) before the variables were set.
 jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 

@@ -14,32 +14,46 @@ import pytest
 from fer_jax import config_utils as cu
 from fer_jax import model_dir
 from fer_jax import train
+from helpers import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run_main(*args, cwd):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  # The test process's XLA flags and compilation cache (conftest.py): the tiny
+  # config's programs are then those the in-process tests compiled.
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
   return subprocess.run([sys.executable, "-m", "fer_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """The AFNet teacher of configs/mkd.py trained for a few steps by the command line,
-  without --workdir; its model directory, the test images and the run's results."""
+# (config argument, its name, the teacher's model, its data). The default run trains
+# the tests' tiny config; the slow one the AFNet teacher of the main job's smoke run.
+RUNS = {
+    "tiny": ("tests/tiny_config_file.py:teacher_only", "tiny", "resnet18", tiny_config().data),
+    "mkd_smoke": ("configs/mkd.py:smoke,teacher_only", "mkd", "afnet",
+                  cu.data_config("synthetic", smoke=True)),
+}
+
+
+@pytest.fixture(scope="module", params=["tiny", pytest.param("mkd_smoke", marks=pytest.mark.slow)])
+def trained(request, tmp_path_factory):
+  """A model trained for a few steps by the command line, without --workdir: its
+  directory, the test images, the run's results and the model's name."""
+  config, name, model_name, data_config = RUNS[request.param]
   cwd = tmp_path_factory.mktemp("cwd")
-  proc = _run_main(f"--config={REPO / 'configs/mkd.py'}:smoke,teacher_only", cwd=cwd)
+  proc = _run_main(f"--config={REPO / config}", cwd=cwd)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "fer_jax: writing to workdirs/mkd" in proc.stdout  # the default workdir
-  workdir = cwd / "workdirs" / "mkd"
+  assert f"fer_jax: writing to workdirs/{name}" in proc.stdout  # the default workdir
+  workdir = cwd / "workdirs" / name
   results = json.loads((workdir / "results.json").read_text())
-  _, arrays = train.load_data(cu.data_config("synthetic", smoke=True))  # mkd.py's smoke data
-  return workdir / "teacher" / "model", arrays["test"], results
+  _, arrays = train.load_data(data_config)
+  return workdir / "teacher" / "model", arrays["test"], results, model_name
 
 
 def test_loaded_model_reproduces_the_trainers_evaluation(trained):
-  directory, test, results = trained
+  directory, test, results, model_name = trained
   model = model_dir.load(directory)
   logits, va = jax.jit(model.apply)(test["image"])
   accuracy = float(np.mean(np.argmax(logits, -1) == test["label"]))
@@ -48,11 +62,11 @@ def test_loaded_model_reproduces_the_trainers_evaluation(trained):
   spec = json.loads((directory / "model.json").read_text())
   assert spec["format_version"] == model_dir.FORMAT_VERSION
   assert (spec["model"], spec["image_shape"], spec["class_names"][:2]) == (
-      "afnet", [48, 48, 1], list(model.class_names[:2]))
+      model_name, [48, 48, 1], list(model.class_names[:2]))
 
 
 def test_a_fresh_process_gets_identical_predictions(trained, tmp_path):
-  directory, test, _ = trained
+  directory, test, _, _ = trained
   np.save(tmp_path / "images.npy", test["image"][:20])
   script = textwrap.dedent(f"""
       import numpy as np
@@ -61,7 +75,7 @@ def test_a_fresh_process_gets_identical_predictions(trained, tmp_path):
       logits, _ = model.apply(np.load({str(tmp_path / 'images.npy')!r}))
       np.save({str(tmp_path / 'logits.npy')!r}, np.asarray(logits))
   """)
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # this process's flags and compilation cache
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -70,7 +84,7 @@ def test_a_fresh_process_gets_identical_predictions(trained, tmp_path):
 
 
 def test_other_format_versions_and_missing_files_are_named(trained, tmp_path):
-  directory, _, _ = trained
+  directory, _, _, _ = trained
   other = model_dir.load(directory).save(tmp_path / "other")
   spec = json.loads((other / "model.json").read_text())
   (other / "model.json").write_text(json.dumps(dict(spec, format_version=99)))
@@ -90,7 +104,7 @@ def test_other_format_versions_and_missing_files_are_named(trained, tmp_path):
 
 
 def test_a_failed_save_keeps_the_previous_directory(trained, tmp_path, monkeypatch):
-  directory, test, _ = trained
+  directory, test, _, _ = trained
   model = model_dir.load(directory)
   target = model.save(tmp_path / "model")
   before = (target / "variables.msgpack").read_bytes()
