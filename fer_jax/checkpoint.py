@@ -15,8 +15,6 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
-# Private, but the only way to keep the default handler's per-array metadata files
-# in a handler of our own; orbax-checkpoint is pinned in setup.cfg.
 from orbax.checkpoint._src.metadata import array_metadata_store
 
 # Orbax splits the save of a replicated array among its replicas, and each slice
@@ -33,7 +31,11 @@ def quiet_logs() -> None:
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
-  """Orbax's default pytree handler, with small replicated arrays saved unsplit."""
+  """Orbax's default pytree handler, with small replicated arrays saved unsplit.
+
+  The metadata store is private Orbax API, but the only way to keep the default
+  handler's per-array metadata files; setup.cfg keeps orbax-checkpoint below 0.13.
+  """
   handlers = ocp.type_handlers
   registry = handlers.create_type_handler_registry(
       *[(ty, handlers.get_type_handler(ty)) for ty in handlers.supported_types()])
