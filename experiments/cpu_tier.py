@@ -104,6 +104,19 @@ FERPLUS_ROWS = {
                   f"{FERPLUS},distill=hinton,teacher_checkpoint=TEACHER"),
     "MKD (standardised)": ("ferplus_student_mkd", "student",
                            f"{FERPLUS},distill=mkd,teacher_checkpoint=TEACHER"),
+    # The same students and terms, their teacher the one trained on the vote
+    # distributions; the students themselves learn the majority labels.
+    "Hinton KD from the vote-distribution teacher": (
+        "ferplus_student_hinton_votes_teacher", "student",
+        f"{FERPLUS},distill=hinton,teacher_checkpoint=TEACHER_VOTES"),
+    "MKD (standardised) from the vote-distribution teacher": (
+        "ferplus_student_mkd_votes_teacher", "student",
+        f"{FERPLUS},distill=mkd,teacher_checkpoint=TEACHER_VOTES"),
+    "student alone, seed 1": ("ferplus_student_vgg8_s1", "student",
+                              f"{FERPLUS},distill=none,seed=1{SMOOTHING}"),
+    "MKD (standardised) from the vote-distribution teacher, seed 1": (
+        "ferplus_student_mkd_votes_teacher_s1", "student",
+        f"{FERPLUS},distill=mkd,seed=1,teacher_checkpoint=TEACHER_VOTES"),
 }
 # dataset -> (rows, {results key: column header}, what the commands' placeholders name);
 # the first column is the reported one.
@@ -125,7 +138,8 @@ TABLES = {
         "test_pose30/accuracy": "RAN Pose 30 %",
         "test_pose45/accuracy": "RAN Pose 45 %",
         "test/mean_class_accuracy": "mean-class %"},
-        "TEACHER is the `teacher/model` directory of the first row's run"),
+        "TEACHER and TEACHER_VOTES are the `teacher/model` directories of the first and "
+        "second rows' runs"),
 }
 RUN_FIELDS = ("params", "macs", "train_seconds")
 
@@ -166,15 +180,21 @@ def render(rows: dict[str, dict], commands: dict[str, str], columns: dict[str, s
   return "\n".join(lines) + "\n"
 
 
+def seed_families(rows: dict[str, dict], reported: str) -> dict[str, tuple[list[float], float]]:
+  """Row family (the name before ``, seed``) -> its ``reported`` values in %, and its MACs."""
+  families: dict[str, tuple[list[float], float]] = {}
+  for name, r in rows.items():
+    families.setdefault(name.split(", seed")[0], ([], r["macs"]))[0].append(100 * r[reported])
+  return families
+
+
 def seed_summary(rows: dict[str, dict], reported: str, label: str) -> list[str]:
   """The ``reported`` column's mean ± sample std for each row family with two or more seeds."""
-  families: dict[str, list[float]] = {}
-  for name, r in rows.items():
-    families.setdefault(name.split(", seed")[0], []).append(100 * r[reported])
-  if not any(len(values) > 1 for values in families.values()):
+  families = seed_families(rows, reported)
+  if not any(len(values) > 1 for values, _ in families.values()):
     return []
   lines = [f"{label} over seeds (mean ± sample std):", ""]
-  for family, values in families.items():
+  for family, (values, _) in families.items():
     if len(values) > 1:
       lines.append(f"* {family}: {statistics.mean(values):.2f} ± "
                    f"{statistics.stdev(values):.2f} % ({len(values)} seeds)")
@@ -183,18 +203,23 @@ def seed_summary(rows: dict[str, dict], reported: str, label: str) -> list[str]:
 
 def plot_accuracy_against_macs(rows: dict[str, dict], reported: str, ylabel: str,
                                path: pathlib.Path) -> None:
+  """One point per row family (its seeds' mean, their spread as the error bar); a legend,
+  not labels, names them: the students share one cost and their labels would overlap."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for name, r in rows.items():
-    ax.scatter(r["macs"] / 1e6, 100 * r[reported])
-    ax.annotate(name, (r["macs"] / 1e6, 100 * r[reported]), fontsize=7,
-                xytext=(4, 2), textcoords="offset points")
+  fig, ax = plt.subplots(figsize=(9, 5))
+  markers = "osD^v<>"  # 7 markers against 10 colours: no pair repeats before 70 families
+  for i, (family, (values, macs)) in enumerate(seed_families(rows, reported).items()):
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    seeds = f" ({len(values)} seeds)" if len(values) > 1 else ""
+    ax.errorbar(macs / 1e6, statistics.mean(values), yerr=spread, fmt=markers[i % len(markers)],
+                capsize=3, label=f"{family}{seeds}")
   ax.set(xscale="log", xlabel="MMACs per 48x48 face (log)", ylabel=ylabel,
          title="CPU tier: accuracy against cost")
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
-  fig.savefig(path, dpi=90)
+  fig.savefig(path, dpi=90, bbox_inches="tight")
   plt.close(fig)
 
 

@@ -51,3 +51,19 @@ def test_occluder_box_on_the_attention_grid_is_the_covered_fraction():
   expected[0, 0, 0] = 1.0
   expected[1, 0, 2] = expected[1, 1, 2] = 0.5 * 0.5
   np.testing.assert_allclose(box, expected)
+
+
+def test_cpu_tier_groups_seeds_by_row_family_with_the_sample_std():
+  from experiments import cpu_tier  # pylint: disable=g-import-not-at-top
+  rows = {"student alone": {"acc": 0.7773, "macs": 7e6},
+          "MKD": {"acc": 0.8008, "macs": 7e6},
+          "student alone, seed 1": {"acc": 0.7859, "macs": 7e6},
+          "student alone, seed 2": {"acc": 0.7700, "macs": 7e6}}
+  families = cpu_tier.seed_families(rows, "acc")
+  assert list(families) == ["student alone", "MKD"]
+  assert families["student alone"][0] == pytest.approx([77.73, 78.59, 77.00])
+  summary = cpu_tier.seed_summary(rows, "acc", "Test")
+  alone = [77.73, 78.59, 77.00]
+  assert f"* student alone: {np.mean(alone):.2f} ± {np.std(alone, ddof=1):.2f} % (3 seeds)" \
+      in summary
+  assert not any(line.startswith("* MKD") for line in summary)  # one seed: no spread
