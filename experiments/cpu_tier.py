@@ -114,6 +114,9 @@ FERPLUS_ROWS = {
         f"{FERPLUS},distill=mkd,teacher_checkpoint=TEACHER_VOTES"),
     "student alone, seed 1": ("ferplus_student_vgg8_s1", "student",
                               f"{FERPLUS},distill=none,seed=1{SMOOTHING}"),
+    "Hinton KD from the vote-distribution teacher, seed 1": (
+        "ferplus_student_hinton_votes_teacher_s1", "student",
+        f"{FERPLUS},distill=hinton,seed=1,teacher_checkpoint=TEACHER_VOTES"),
     "MKD (standardised) from the vote-distribution teacher, seed 1": (
         "ferplus_student_mkd_votes_teacher_s1", "student",
         f"{FERPLUS},distill=mkd,seed=1,teacher_checkpoint=TEACHER_VOTES"),
