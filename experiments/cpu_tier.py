@@ -104,23 +104,18 @@ FERPLUS_ROWS = {
                   f"{FERPLUS},distill=hinton,teacher_checkpoint=TEACHER"),
     "MKD (standardised)": ("ferplus_student_mkd", "student",
                            f"{FERPLUS},distill=mkd,teacher_checkpoint=TEACHER"),
-    # The same students and terms, their teacher the one trained on the vote
-    # distributions; the students themselves learn the majority labels.
-    "Hinton KD from the vote-distribution teacher": (
-        "ferplus_student_hinton_votes_teacher", "student",
-        f"{FERPLUS},distill=hinton,teacher_checkpoint=TEACHER_VOTES"),
-    "MKD (standardised) from the vote-distribution teacher": (
-        "ferplus_student_mkd_votes_teacher", "student",
-        f"{FERPLUS},distill=mkd,teacher_checkpoint=TEACHER_VOTES"),
     "student alone, seed 1": ("ferplus_student_vgg8_s1", "student",
                               f"{FERPLUS},distill=none,seed=1{SMOOTHING}"),
-    "Hinton KD from the vote-distribution teacher, seed 1": (
-        "ferplus_student_hinton_votes_teacher_s1", "student",
-        f"{FERPLUS},distill=hinton,seed=1,teacher_checkpoint=TEACHER_VOTES"),
-    "MKD (standardised) from the vote-distribution teacher, seed 1": (
-        "ferplus_student_mkd_votes_teacher_s1", "student",
-        f"{FERPLUS},distill=mkd,seed=1,teacher_checkpoint=TEACHER_VOTES"),
 }
+# The same students and terms, their teacher the one trained on the vote distributions;
+# the students themselves learn the majority labels. Seed 0 is the config's default.
+for _seed in (0, 1):
+  _name, _folder, _arg = ((f", seed {_seed}", f"_s{_seed}", f",seed={_seed}") if _seed
+                          else ("", "", ""))
+  for _distill, _row in (("hinton", "Hinton KD"), ("mkd", "MKD (standardised)")):
+    FERPLUS_ROWS[f"{_row} from the vote-distribution teacher{_name}"] = (
+        f"ferplus_student_{_distill}_votes_teacher{_folder}", "student",
+        f"{FERPLUS},distill={_distill}{_arg},teacher_checkpoint=TEACHER_VOTES")
 # dataset -> (rows, {results key: column header}, what the commands' placeholders name);
 # the first column is the reported one.
 TABLES = {
