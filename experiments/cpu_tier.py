@@ -55,6 +55,11 @@ ROWS["VGG width 16 alone, 20 epochs, no occluders"] = (
 for _seed in (1, 2):
   ROWS[f"AFNet teacher (VGG width 16), seed {_seed}"] = (
       f"teacher_vgg16_s{_seed}", "teacher", f"{MAIN},teacher_only,seed={_seed}")
+# The teacher's ablations (configs/mkd.py TEACHERS), seed 0 like the first teacher row.
+for _ablation, _part in (("no_fpn", "the feature pyramid"), ("no_regions", "the region attention"),
+                         ("no_channel_mask", "the masked-channel branch")):
+  ROWS[f"AFNet teacher without {_part}"] = (
+      f"teacher_vgg16_{_ablation}", "teacher", f"{MAIN},teacher={_ablation},teacher_only")
 # More seeds of the students. Seed 1 of Hinton distils seed 0's teacher; seed 2 of
 # Hinton and seeds 1-2 of MKD distil seed 2's (seed 1's run directory was lost with its
 # machine before Hinton's seed 2 finished).
