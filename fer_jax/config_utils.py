@@ -49,6 +49,9 @@ class PhaseConfig:
     input_shape: the model's (H, W, C) when it differs from the data's.
     plugin: a step plug-in (``fer_jax.plugins``; 'moco' for contrastive
       phases), configured by ``plugin_kwargs``.
+    ema_decay: when > 0, the step also keeps an exponential moving average of
+      the model's variables (weights and BN statistics), and the average is
+      what is validated, selected, saved and exported; 0 keeps none.
   """
   model: str
   model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -70,6 +73,7 @@ class PhaseConfig:
   input_shape: tuple[int, ...] = ()
   plugin: str = ""
   plugin_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  ema_decay: float = 0.0
 
 
 def _plain(value):

@@ -189,6 +189,9 @@ def setup(config, name: str, cfg: PhaseConfig, data: DataInfo, mesh,
   own = template(cfg, data, config.augment, model)
   _check_reads(name, specs, model, own.input_shape, teacher, plugin, data)
   _check_batch_size(where, cfg.batch_size, data.train_size)
+  if not 0.0 <= cfg.ema_decay < 1.0:
+    raise ConfigError(f"{where}.ema_decay={cfg.ema_decay}: expected a decay in [0, 1) "
+                      f"(0 keeps no moving average)")
   total = cfg.steps or math.ceil(cfg.epochs * data.train_size / cfg.batch_size)
   spec = steps.StepSpec(
       model=model, objective=objectives.Objective(specs), tx=None,
@@ -196,7 +199,7 @@ def setup(config, name: str, cfg: PhaseConfig, data: DataInfo, mesh,
       teacher=teacher.module() if teacher else None,
       teacher_dtype=jnp.dtype(cfg.teacher_dtype), student_input=own.input_shape,
       teacher_input=teacher.input_shape if teacher else None, plugin=plugin,
-      device_resident=data.resident)
+      device_resident=data.resident, ema_decay=cfg.ema_decay)
   return PhaseProgram(
       name=name, index=list(config.phases).index(name), cfg=cfg, seed=config.seed,
       template=own, teacher=teacher, objective=spec.objective,
@@ -297,9 +300,15 @@ def initial_state(program: PhaseProgram, data: DataInfo,
   state = {"step": jnp.int32(0), "rng": state_rng, "params": params,
            "batch_stats": variables.get("batch_stats", {}), "opt_state": tx.init(params),
            **spec.plugin.init_state(state_rng, variables, inputs["student"])}
+  if spec.ema_decay:
+    # A copy: the step donates its state, and an alias would be one buffer donated twice.
+    state["averaged"] = jax.tree.map(jnp.copy, variables_of(state))
   return (jax.device_put(state, steps.replicated(spec.mesh)),
           dataclasses.replace(spec, tx=tx))
 
 
 def variables_of(state) -> dict:
+  """The model's variables: their moving average when the phase keeps one."""
+  if "averaged" in state:
+    return state["averaged"]
   return {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}

@@ -10,6 +10,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from fer_jax import losses
 from fer_jax.data import augment as augment_lib
@@ -82,8 +83,8 @@ class MoCo:
 
   def update(self, state, new_state, inputs) -> dict:
     m = self.ema_momentum
-    ema_params = jax.tree.map(lambda e, p: m * e + (1 - m) * p, state["ema"]["params"],
-                              new_state["params"]["model"])
+    ema_params = optax.incremental_update(new_state["params"]["model"],
+                                          state["ema"]["params"], 1 - m)
     keys = inputs["momentum"].aux["projection"]
     queue, ptr = losses.update_queue(state["queue"], keys[:keys.shape[0] // 2],
                                      state["queue_ptr"])

@@ -6,8 +6,9 @@ teacher, the student's forward and backward pass and every loss term, and
 applies the optimizer update. The train state is a plain dict pytree:
 
   ``step`` (int32), ``rng`` (a raw uint32 key), ``params`` (``{'model',
-  'objective'}``), ``batch_stats``, ``opt_state``, plus whatever the phase's
-  step plug-in keeps (``fer_jax.plugins``; MoCo's momentum encoder and queue).
+  'objective'}``), ``batch_stats``, ``opt_state``, ``averaged`` (the moving
+  average of the model's variables, when the phase keeps one), plus whatever the
+  phase's step plug-in keeps (``fer_jax.plugins``; MoCo's momentum encoder and queue).
 
 A step whose loss or gradients are not finite leaves the state unchanged and
 reports ``finite = 0``; the trainer stops with a diagnosis.
@@ -41,6 +42,7 @@ class StepSpec:
   teacher_input: tuple[int, int, int] | None = None
   device_resident: bool = True
   plugin: Any = plugins.SingleView()
+  ema_decay: float = 0.0
 
 
 def replicated(mesh):
@@ -125,6 +127,19 @@ def _teacher_forward(spec: StepSpec, teacher_vars, images):
   return jax.lax.stop_gradient(ModelOutput(to_f32(logits), jax.tree.map(to_f32, dict(aux))))
 
 
+def average_variables(state, new_state, decay: float) -> dict:
+  """``state['averaged']`` moved towards the model's new variables.
+
+  The decay warms up as (1 + step) / (10 + step), as in TensorFlow's
+  ExponentialMovingAverage with ``num_updates``: over a short run a fixed
+  0.999 would still remember the random initialisation.
+  """
+  step = state["step"].astype(jnp.float32)
+  rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  current = {"params": new_state["params"]["model"], "batch_stats": new_state["batch_stats"]}
+  return optax.incremental_update(current, state["averaged"], 1.0 - rate)
+
+
 def make_train_step(spec: StepSpec, instrument: Callable = lambda f: f) -> Callable:
   """Returns ``step(state, weights, teacher_vars, data) -> (state, metrics)``, jitted.
 
@@ -164,6 +179,8 @@ def make_train_step(spec: StepSpec, instrument: Callable = lambda f: f) -> Calla
     new_state = dict(state, params=optax.apply_updates(state["params"], updates),
                      opt_state=opt_state, batch_stats=batch_stats)
     new_state.update(plugin.update(state, new_state, inputs))
+    if spec.ema_decay:
+      new_state["averaged"] = average_variables(state, new_state, spec.ema_decay)
     # The global norm is finite iff every gradient is. A cond (not a per-leaf
     # where) keeps the guard to one op: per-leaf selects tripled XLA:CPU's
     # compile time of the step.

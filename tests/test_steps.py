@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fer_jax import config_utils as cu
+from fer_jax import phase as phase_lib
 from fer_jax import steps, train
 from helpers import TINY, run_steps, tiny_config, untrained
 
@@ -114,3 +115,32 @@ def test_sample_batch_epochs_cover_the_data_once_and_reshuffle():
   batch = steps.sample_batch(data, 13, rng, batch_size)
   np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], 4.0 * batch["label"])
   np.testing.assert_array_equal(second[30:40], batch["label"])
+
+
+def test_moving_average_of_the_variables_follows_the_warmed_up_decay():
+  decay = 0.2
+  config = tiny_config()
+  config.phases = ("teacher",)
+  del config["student"]
+  config.teacher.ema_decay = decay
+  mesh = one_device_mesh()
+  phase, arrays = untrained(config, mesh, "teacher")
+  raw = lambda state: {"params": state["params"]["model"], "batch_stats": state["batch_stats"]}
+  expected = jax.device_get(raw(phase.state))
+  chex.assert_trees_all_equal(jax.device_get(phase.state["averaged"]), expected)
+  step_fn = steps.make_train_step(phase.spec)
+  data = jax.device_put(arrays["train"], steps.replicated(mesh))
+  weights = jax.device_put(phase.program.weights, steps.replicated(mesh))
+  state = phase.state
+  for t in range(3):
+    state, _ = step_fn(state, weights, {}, data)
+    # TensorFlow's ExponentialMovingAverage with num_updates = t: 0.1, 0.18, then the decay.
+    rate = min(decay, (1 + t) / (10 + t))
+    expected = jax.tree.map(lambda a, v, r=rate: r * a + (1 - r) * v, expected,
+                            jax.device_get(raw(state)))
+  chex.assert_trees_all_close(jax.device_get(state["averaged"]), expected, rtol=1e-6, atol=1e-7)
+  # The average, not the last weights, is what is validated, selected and saved.
+  assert phase_lib.variables_of(state) is state["averaged"]
+  last = jax.device_get(raw(state))["params"]
+  assert max(np.abs(a - w).max() for a, w in zip(jax.tree.leaves(expected["params"]),
+                                                 jax.tree.leaves(last))) > 1e-3

@@ -215,3 +215,12 @@ def test_cli_config_mistakes_are_one_line_with_exit_status_2(tmp_path, args, nam
   assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "run" / "student").exists()
+
+
+def test_a_decay_outside_zero_to_one_is_named():
+  config = tiny_config()
+  config.student.ema_decay = 1.0
+  data, _ = data_of(config)
+  with pytest.raises(ConfigError, match=r"config\.student\.ema_decay=1\.0: expected a decay in "
+                                        r"\[0, 1\)"):
+    train.setup_phases(config, data, train.make_mesh())
