@@ -121,6 +121,12 @@ for _seed in (0, 1):
     FERPLUS_ROWS[f"{_row} from the vote-distribution teacher{_name}"] = (
         f"ferplus_student_{_distill}_votes_teacher{_folder}", "student",
         f"{FERPLUS},distill={_distill}{_arg},teacher_checkpoint=TEACHER_VOTES")
+# The same Hinton student (seed 0: the same steps and batches) with its weights averaged:
+# the paired measure of what the moving average adds.
+FERPLUS_ROWS["Hinton KD from the vote-distribution teacher, weights averaged (0.998)"] = (
+    "ferplus_student_hinton_votes_teacher_ema", "student",
+    FERPLUS_ROWS["Hinton KD from the vote-distribution teacher"][2]
+    + " --config.student.ema_decay=0.998")
 # dataset -> (rows, {results key: column header}, what the commands' placeholders name);
 # the first column is the reported one.
 TABLES = {

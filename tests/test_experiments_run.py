@@ -67,3 +67,45 @@ def test_cpu_tier_groups_seeds_by_row_family_with_the_sample_std():
   assert f"* student alone: {np.mean(alone):.2f} ± {np.std(alone, ddof=1):.2f} % (3 seeds)" \
       in summary
   assert not any(line.startswith("* MKD") for line in summary)  # one seed: no spread
+
+
+def test_device_pack_gives_back_the_trainers_arrays_and_catches_other_faces(tmp_path):
+  from experiments import device_run  # pylint: disable=import-outside-toplevel
+  from fer_jax import config_utils, train  # pylint: disable=import-outside-toplevel
+  data_cfg = config_utils.data_config("synthetic")
+  data_cfg.split_sizes = {"train": 40, "validation": 12, "test": 12}
+  path = tmp_path / "pack.npz"
+  device_run.pack(data_cfg, path)
+  dataset, arrays = train.load_data(data_cfg)
+  packed = device_run.unpack(path)
+  assert packed.class_names == dataset.class_names
+  for split, fields in arrays.items():
+    restored = packed.split(split).arrays
+    assert set(restored) == set(fields)
+    for key, value in fields.items():
+      np.testing.assert_array_equal(restored[key], value)
+      assert restored[key].dtype == value.dtype
+  # A pack whose faces changed after packing is refused, not trained on.
+  content = dict(np.load(path))
+  content["test.sha256"] = np.array("0" * 64)
+  np.savez(path, **content)
+  with pytest.raises(ValueError, match="split 'test' decodes to other faces"):
+    device_run.unpack(path)
+
+
+@pytest.mark.parametrize("seconds_left, epochs", [(1000.0, 40), (500.0, 20)])
+def test_device_run_takes_the_configs_epochs_when_they_fit_else_pays_the_recompile(
+    monkeypatch, seconds_left, epochs):
+  from experiments import device_run  # pylint: disable=import-outside-toplevel
+  from configs import mkd  # pylint: disable=import-outside-toplevel
+  config = mkd.get_config("data=fer2013,tier=full")
+  timings = {"teacher": {"compile_s": 30.0, "step_s": 0.05},
+             "student": {"compile_s": 20.0, "step_s": 0.03}}
+  monkeypatch.setattr(device_run.train_step, "time_phase", lambda c, name, n: timings[name])
+  monkeypatch.setattr(device_run.train, "load_data", lambda data_cfg: (
+      None, {"train": {"label": np.zeros(28709)}}))
+  chosen, plan = device_run.epochs_that_fit(config, seconds_left)
+  # 224 steps an epoch: 224 * (0.05 + 0.03) = 17.92 s. 40 epochs and 2 * 45 s fit in
+  # 1000 s; in 500 s fewer epochs fit once both steps compile again: (500 - 140) / 17.92 = 20.1.
+  assert plan["seconds_per_epoch"] == pytest.approx(17.92)
+  assert chosen == epochs

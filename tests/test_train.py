@@ -224,3 +224,12 @@ def test_a_decay_outside_zero_to_one_is_named():
   with pytest.raises(ConfigError, match=r"config\.student\.ema_decay=1\.0: expected a decay in "
                                         r"\[0, 1\)"):
     train.setup_phases(config, data, train.make_mesh())
+
+
+def test_training_on_arrays_imports_neither_tfds_nor_grain():
+  # A packed dataset on a bare accelerator, or prediction, needs neither.
+  code = ("import sys, fer_jax.train, fer_jax.predict; "
+          "print(sorted(m for m in ('tensorflow_datasets', 'grain') if m in sys.modules))")
+  shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+  assert shown.strip() == "[]"

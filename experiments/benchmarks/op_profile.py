@@ -53,6 +53,7 @@ sys.path.insert(0, HERE)
 
 import jax  # noqa: E402
 
+import train_step  # noqa: E402
 import train_vs_torch  # noqa: E402
 from experiments import hardware  # noqa: E402
 from fer_jax.models import layers  # noqa: E402
@@ -160,8 +161,6 @@ def profile_ops(compiled, run, num_steps: int) -> dict:
 
 def profile(case: str, form: str, args) -> dict:
   """Step wall time and per-op milliseconds of one case in one layer form."""
-  # train_step defines absl flags on import: loaded only for a run, not by the tests.
-  import train_step  # pylint: disable=import-outside-toplevel
   config, phase = train_vs_torch.case_config(case, args.batch, args.train_size)
   with layers.force_layer_forms(form):
     step_fn, state, inputs, _, batch = train_step.compiled_phase(config, phase)

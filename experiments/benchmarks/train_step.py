@@ -38,13 +38,17 @@ from experiments import hardware  # noqa: E402
 from fer_jax import objectives, steps, train  # noqa: E402
 from fer_jax import phase as phase_lib  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
-_PHASE = flags.DEFINE_string("phase", "", "One phase (default: every phase).")
-_VARIANTS = flags.DEFINE_string("variants", "",
-                                "';'-separated term lists for --phase, e.g. 'ce;ce,kd'.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step.")
-_OUT = flags.DEFINE_string("out", "", "Append the markdown table to this file.")
-flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags, defined only when run: other scripts import the timing."""
+  config_flags.DEFINE_config_file("config", None, "Training config file.")
+  flags.DEFINE_string("phase", "", "One phase (default: every phase).")
+  flags.DEFINE_string("variants", "", "';'-separated term lists for --phase, e.g. 'ce;ce,kd'.")
+  flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step.")
+  flags.DEFINE_string("out", "", "Append the markdown table to this file.")
+  flags.mark_flags_as_required(["config"])
 
 
 def compiled_phase(config, name: str):
@@ -97,18 +101,18 @@ def with_terms(config, phase: str, keep: list[str]):
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  phases = [_PHASE.value] if _PHASE.value else list(config.phases)
+  config = FLAGS.config
+  phases = [FLAGS.phase] if FLAGS.phase else list(config.phases)
   variants = [(name, None) for name in phases]
-  if _VARIANTS.value:
-    if not _PHASE.value:
+  if FLAGS.variants:
+    if not FLAGS.phase:
       raise app.UsageError("--variants needs --phase")
-    variants = [(_PHASE.value, v.split(",")) for v in _VARIANTS.value.split(";")]
+    variants = [(FLAGS.phase, v.split(",")) for v in FLAGS.variants.split(";")]
 
   rows = []
   for name, keep in variants:
     cfg = with_terms(config, name, keep) if keep else config
-    result = time_phase(cfg, name, _STEPS.value)
+    result = time_phase(cfg, name, FLAGS.steps)
     label = name if keep is None else f"{name} [{'+'.join(keep)}]"
     rows.append((label, cfg[name].model, result))
     print(f"{label}: {result}", flush=True)
@@ -121,7 +125,7 @@ def main(argv):
       f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '') or '(none)'}`, "
       f"load average {os.getloadavg()[0]:.1f} at the end.",
       "",
-      f"| phase | model | batch | compile s | step s (median of {_STEPS.value}) | img/s |",
+      f"| phase | model | batch | compile s | step s (median of {FLAGS.steps}) | img/s |",
       "|---|---|---|---|---|---|",
   ]
   for label, model, r in rows:
@@ -129,10 +133,11 @@ def main(argv):
                  f"{r['step_s']:.3f} ± {r['spread_s']:.3f} | {r['batch'] / r['step_s']:.0f} |")
   text = "\n".join(lines) + "\n"
   print(text)
-  if _OUT.value:
-    with open(_OUT.value, "a") as f:
+  if FLAGS.out:
+    with open(FLAGS.out, "a") as f:
       f.write("\n" + text)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -25,6 +25,8 @@ them all with their defaults):
                   file, relative to manual_dir or absolute; '' = folder names),
                   image_size, grayscale, center_crop, image_encoding.
 """
+from __future__ import annotations
+
 import functools
 import pathlib
 import shutil
@@ -32,18 +34,23 @@ import tempfile
 from typing import Callable
 
 from absl import logging
+from etils import epy
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 
 from fer_jax.data import classes
 from fer_jax.data.base import DATASETS, Dataset
-from fer_jax.data.tfds_builders import affectnet
-from fer_jax.data.tfds_builders import common
-from fer_jax.data.tfds_builders import fer2013
-from fer_jax.data.tfds_builders import ferplus
-from fer_jax.data.tfds_builders import image_folder
-from fer_jax.data.tfds_builders import rafdb
+
+# TFDS and the builders load when a real dataset is first read or built: training on
+# arrays (the embedded faces, a packed dataset) and prediction never import them.
+with epy.lazy_imports():
+  import tensorflow_datasets as tfds
+  from fer_jax.data.tfds_builders import affectnet
+  from fer_jax.data.tfds_builders import common
+  from fer_jax.data.tfds_builders import fer2013
+  from fer_jax.data.tfds_builders import ferplus
+  from fer_jax.data.tfds_builders import image_folder
+  from fer_jax.data.tfds_builders import rafdb
 
 CLASS_ORDERS = {"fer7": classes.FER7, "affectnet8": classes.AFFECTNET8}
 _COMMON_FIELDS = {"data_dir": "~/tensorflow_datasets", "manual_dir": "",

@@ -9,12 +9,17 @@ returned iterator is a ``grain.DatasetIterator``: ``get_state()`` /
 ``set_state()`` (or ``grain.checkpoint.CheckpointSave/Restore`` inside an Orbax
 ``CheckpointManager``) resume at the same batch.
 """
+from __future__ import annotations
+
 import dataclasses
 from typing import Any, Callable, Iterator
 
-import grain
+from etils import epy
 import jax
 import numpy as np
+
+with epy.lazy_imports():  # only a training split too large to stay on the devices streams
+  import grain
 
 from fer_jax.data.base import Split
 
