@@ -177,6 +177,10 @@ def main(argv):
   if argv[1:] == ["pack"]:
     pack(FLAGS.config.data, pathlib.Path(FLAGS.pack))
   elif argv[1:] == ["train"]:
+    if not pathlib.Path(FLAGS.pack).is_file():
+      print(f"--pack={FLAGS.pack}: no such file; write it with the pack command first",
+            file=sys.stderr)
+      sys.exit(2)
     # The timing compiles each step once; with the config's epochs the run reuses it.
     jax.config.update("jax_compilation_cache_dir", "/tmp/jax_cache")
     workdir = pathlib.Path(FLAGS.workdir)
