@@ -23,5 +23,5 @@ export PYTHONPATH="$PWD/.device/site:$PWD"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" \
     || exit 1
 python3 -m experiments.device_run train --config=configs/mkd.py:data=fer2013,tier=full \
-    --pack=.device/fer2013_pack.npz --budget_s=470 --workdir=/tmp/device_run --results="$OUT" \
+    --pack=.device/fer2013_pack.npz --budget_s=470 --workdir=.device/run --results="$OUT" \
     2>&1 | tee "$OUT/log.txt" | tr '\r' '\n' | grep -v "step/s\|^I12\|^W12" | tail -40

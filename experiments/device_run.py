@@ -143,7 +143,7 @@ def define_flags() -> None:
   flags.DEFINE_string("pack", ".device/fer2013_pack.npz", "The packed dataset.")
   flags.DEFINE_float("budget_s", 480.0, "train: seconds the whole command may take.")
   flags.DEFINE_string("results", "", "train: folder for the results (default: --workdir).")
-  flags.DEFINE_string("workdir", "/tmp/device_run", "train: the run directory.")
+  flags.DEFINE_string("workdir", ".device/run", "train: the run directory.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -182,7 +182,7 @@ def main(argv):
             file=sys.stderr)
       sys.exit(2)
     # The timing compiles each step once; with the config's epochs the run reuses it.
-    jax.config.update("jax_compilation_cache_dir", "/tmp/jax_cache")
+    jax.config.update("jax_compilation_cache_dir", str(REPO / ".device" / "jax_cache"))
     workdir = pathlib.Path(FLAGS.workdir)
     run(FLAGS.config, pathlib.Path(FLAGS.pack), FLAGS.budget_s, workdir,
         pathlib.Path(FLAGS.results) if FLAGS.results else workdir)

@@ -172,12 +172,16 @@ def test_a_frozen_part_must_be_initialised():
   train.setup_phases(config, data, train.make_mesh())
 
 
-def test_unknown_phase_field_is_named_with_the_known_ones():
+@pytest.mark.parametrize("field, value, named", [
+    ("bach_size", 3, r"config\.student: unknown field 'bach_size'; known: "
+                     r"model, model_kwargs, terms, epochs, steps, batch_size"),
+    ("ema_decay", 1.0, r"config\.student\.ema_decay=1\.0: expected a decay in \[0, 1\)"),
+])
+def test_a_phase_field_mistake_is_named(field, value, named):
   config = tiny_config()
-  config.student.bach_size = 3
+  config.student[field] = value
   data, _ = data_of(config)
-  with pytest.raises(ConfigError, match=r"config\.student: unknown field 'bach_size'; known: "
-                                        r"model, model_kwargs, terms, epochs, steps, batch_size"):
+  with pytest.raises(ConfigError, match=named):
     train.setup_phases(config, data, train.make_mesh())
 
 
@@ -215,15 +219,6 @@ def test_cli_config_mistakes_are_one_line_with_exit_status_2(tmp_path, args, nam
   assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "run" / "student").exists()
-
-
-def test_a_decay_outside_zero_to_one_is_named():
-  config = tiny_config()
-  config.student.ema_decay = 1.0
-  data, _ = data_of(config)
-  with pytest.raises(ConfigError, match=r"config\.student\.ema_decay=1\.0: expected a decay in "
-                                        r"\[0, 1\)"):
-    train.setup_phases(config, data, train.make_mesh())
 
 
 def test_training_on_arrays_imports_neither_tfds_nor_grain():
