@@ -44,8 +44,9 @@ Arguments (besides configs/common.py's):
   distill=mkd|hinton|at|fitnets|none  the student's distillation terms (none:
       the student alone, without a teacher phase).
   teacher=afnet|no_fpn|no_regions|no_channel_mask  the teacher and its ablations.
-      In the FER2013 CPU tier (seed 0, 2026-12-04): no_fpn 65.59 % and no_regions
-      67.09 % PrivateTest, against 65.68 ± 0.48 % with every part (3 seeds).
+      In the FER2013 CPU tier (seed 0, 2026-12-04): no_fpn 65.59 %, no_regions 67.09 %
+      and no_channel_mask 65.31 % PrivateTest, against 65.68 ± 0.48 % with every part
+      (3 seeds).
   teacher_only  train and report the teacher phase alone.
   votes  (data=ferplus) the teacher learns the FER+ vote distributions, the FER+
       paper's best mode: the train split's ``crossentropy`` labels (votes over the 8

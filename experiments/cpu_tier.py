@@ -98,6 +98,12 @@ ROWS["ASDC linear probe, supervised teacher, DisCo weight 1, probe lr 0.1"] = (
     "asdc_supervised_teacher_probe_lr01", "probe",
     f"{ROWS['ASDC linear probe, supervised teacher, DisCo weight 1'][2]}"
     " --config.probe.optimizer.lr=0.1")
+# ASDC as the paper has it: a self-supervised (MoCo) teacher, no label before the probe.
+# DisCo at the weight of its reference code, whose setting (a MoCo teacher) this is.
+ROWS["ASDC linear probe, self-supervised teacher"] = (
+    "asdc_moco_teacher_disco64", "probe",
+    "python -m fer_jax.main --config=configs/asdc.py:data=fer2013,tier=cpu"
+    " --config.student.terms.disco.weight=64")
 FERPLUS = "python -m fer_jax.main --config=configs/mkd.py:data=ferplus,tier=cpu"
 FERPLUS_ROWS = {
     "AFNet teacher (VGG width 16)": ("ferplus_teacher_vgg16", "teacher",
@@ -109,12 +115,13 @@ FERPLUS_ROWS = {
                   f"{FERPLUS},distill=hinton,teacher_checkpoint=TEACHER"),
     "MKD (standardised)": ("ferplus_student_mkd", "student",
                            f"{FERPLUS},distill=mkd,teacher_checkpoint=TEACHER"),
-    "student alone, seed 1": ("ferplus_student_vgg8_s1", "student",
-                              f"{FERPLUS},distill=none,seed=1{SMOOTHING}"),
 }
+for _seed in (1, 2):
+  FERPLUS_ROWS[f"student alone, seed {_seed}"] = (
+      f"ferplus_student_vgg8_s{_seed}", "student", f"{FERPLUS},distill=none,seed={_seed}{SMOOTHING}")
 # The same students and terms, their teacher the one trained on the vote distributions;
 # the students themselves learn the majority labels. Seed 0 is the config's default.
-for _seed in (0, 1):
+for _seed in (0, 1, 2):
   _name, _folder, _arg = ((f", seed {_seed}", f"_s{_seed}", f",seed={_seed}") if _seed
                           else ("", "", ""))
   for _distill, _row in (("hinton", "Hinton KD"), ("mkd", "MKD (standardised)")):
