@@ -118,7 +118,8 @@ FERPLUS_ROWS = {
 }
 for _seed in (1, 2):
   FERPLUS_ROWS[f"student alone, seed {_seed}"] = (
-      f"ferplus_student_vgg8_s{_seed}", "student", f"{FERPLUS},distill=none,seed={_seed}{SMOOTHING}")
+      f"ferplus_student_vgg8_s{_seed}", "student",
+      f"{FERPLUS},distill=none,seed={_seed}{SMOOTHING}")
 # The same students and terms, their teacher the one trained on the vote distributions;
 # the students themselves learn the majority labels. Seed 0 is the config's default.
 for _seed in (0, 1, 2):

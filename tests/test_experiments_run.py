@@ -4,6 +4,7 @@ Three real runs of a row (about 2 minutes on 2 cores), so it is `slow`:
 `python -m pytest -m slow tests/test_experiments_run.py`.
 """
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -109,3 +110,16 @@ def test_device_run_takes_the_configs_epochs_when_they_fit_else_pays_the_recompi
   # 1000 s; in 500 s fewer epochs fit once both steps compile again: (500 - 140) / 17.92 = 20.1.
   assert plan["seconds_per_epoch"] == pytest.approx(17.92)
   assert chosen == epochs
+
+
+def test_device_train_without_its_pack_is_one_line_and_exit_status_2(tmp_path):
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  missing = tmp_path / "absent_pack.npz"
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.device_run", "train", "--config=configs/mkd.py:smoke",
+       f"--pack={missing}", f"--workdir={tmp_path / 'run'}"],
+      capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parents[1], check=False)
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines()[-1] == (
+      f"--pack={missing}: no such file; write it with the pack command first")
+  assert not (tmp_path / "run").exists()
