@@ -83,6 +83,10 @@ ROWS["FitNets (standardised)"] = ("student_fitnets", "student",
 ROWS["Hinton KD, 30 epochs"] = (
     "student_hinton_e30", "student",
     f"{MAIN},distill=hinton,epochs=30,teacher_checkpoint=TEACHER_SEED2")
+# The same 30 epochs from the best teacher, the one without the region attention.
+ROWS["Hinton KD, 30 epochs, from the teacher without the region attention"] = (
+    "student_hinton30_no_regions_teacher", "student",
+    f"{MAIN},distill=hinton,epochs=30,teacher_checkpoint=TEACHER_NO_REGIONS")
 # ASDC's distillation from the supervised teacher: the student sees no label before the probe.
 # DisCo at weight 1 (our per-sample mean) taught the student little; configs/asdc.py now
 # takes the weight of DisCo's reference code, 64. The probe's MoCo learning rate (1.0)
@@ -145,7 +149,8 @@ TABLES = {
         "private_test_occluded/accuracy": "occluded mean %",
         "private_test/mean_class_accuracy": "mean-class %"},
         "TEACHER and TEACHER_SEED2 are the `teacher/model` directories of the seed-0 and "
-        "seed-2 teacher runs"),
+        "seed-2 teacher runs, TEACHER_NO_REGIONS that of the teacher without the region "
+        "attention"),
     "ferplus": (FERPLUS_ROWS, {
         "test/accuracy": "Test %",
         "test/flip_accuracy": "flip-averaged %",

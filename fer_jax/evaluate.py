@@ -23,6 +23,7 @@ prints the results as JSON (``--out`` also writes them).
 import json
 import math
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -163,7 +164,8 @@ def main(argv):
     model = model_dir.load(flags.FLAGS.model)
     data_cfg = config_utils.data_config(flags.FLAGS.data)
   except (model_dir.ModelDirError, config_utils.ConfigError) as e:
-    raise app.UsageError(str(e)) from None
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   results = evaluate_model(model, data_cfg)
   text = json.dumps(results, indent=1)
   print(text)

@@ -39,3 +39,16 @@ def test_flip_averaged_predictions_do_not_change_when_the_face_is_mirrored(faces
   averaged = jax.jit(evaluate.flip_averaged(_linear_forward))
   np.testing.assert_allclose(averaged(variables, images)[0],
                              averaged(variables, images[:, :, ::-1])[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--model=/absent/model"], "/absent/model"),
+    (["--model=fer2013-student", "--data=nope"], "data='nope'"),
+])
+def test_cli_bad_input_is_one_line_and_exit_status_2(args, named):
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  done = subprocess.run([sys.executable, "-m", "fer_jax.evaluate", *args],
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 2
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and named in lines[0], done.stderr
