@@ -102,6 +102,10 @@ ROWS["ASDC linear probe, supervised teacher, DisCo weight 1, probe lr 0.1"] = (
     "asdc_supervised_teacher_probe_lr01", "probe",
     f"{ROWS['ASDC linear probe, supervised teacher, DisCo weight 1'][2]}"
     " --config.probe.optimizer.lr=0.1")
+# The same distillation from the teacher without the region attention, the best on PublicTest.
+ROWS["ASDC linear probe, supervised teacher without the region attention"] = (
+    "asdc_supervised_no_regions_teacher", "probe",
+    ASDC_SUPERVISED.replace("TEACHER_SEED2", "TEACHER_NO_REGIONS"))
 # ASDC as the paper has it: a self-supervised (MoCo) teacher, no label before the probe.
 # DisCo at the weight of its reference code, whose setting (a MoCo teacher) this is.
 ROWS["ASDC linear probe, self-supervised teacher"] = (
