@@ -84,9 +84,10 @@ ROWS["Hinton KD, 30 epochs"] = (
     "student_hinton_e30", "student",
     f"{MAIN},distill=hinton,epochs=30,teacher_checkpoint=TEACHER_SEED2")
 # The same 30 epochs from the best teacher, the one without the region attention.
-ROWS["Hinton KD, 30 epochs, from the teacher without the region attention"] = (
-    "student_hinton30_no_regions_teacher", "student",
-    f"{MAIN},distill=hinton,epochs=30,teacher_checkpoint=TEACHER_NO_REGIONS")
+for _name, _folder, _arg in (("", "", ""), (", seed 1", "_s1", ",seed=1")):
+  ROWS[f"Hinton KD, 30 epochs, from the teacher without the region attention{_name}"] = (
+      f"student_hinton30_no_regions_teacher{_folder}", "student",
+      f"{MAIN},distill=hinton,epochs=30{_arg},teacher_checkpoint=TEACHER_NO_REGIONS")
 # ASDC's distillation from the supervised teacher: the student sees no label before the probe.
 # DisCo at weight 1 (our per-sample mean) taught the student little; configs/asdc.py now
 # takes the weight of DisCo's reference code, 64. The probe's MoCo learning rate (1.0)

@@ -22,8 +22,6 @@ from fer_jax import model_dir
 from fer_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "A model directory or pretrained name, or 'pixels'.")
-flags.DEFINE_string("data", "fer2013", "A data preset (fer_jax.config_utils.data_config).")
 RIDGE_WEIGHTS = tuple(10.0 ** k for k in range(-2, 7))
 
 
@@ -75,5 +73,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined here, not on import: the tests import several experiments into one process.
+  flags.DEFINE_string("model", None, "A model directory or pretrained name, or 'pixels'.")
+  flags.DEFINE_string("data", "fer2013", "A data preset (fer_jax.config_utils.data_config).")
   flags.mark_flags_as_required(["model"])
   app.run(main)
