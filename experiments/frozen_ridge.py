@@ -55,8 +55,8 @@ def ridge_accuracies(train_x, train_y, evaluated: dict, num_classes: int) -> dic
 
 def main(argv):
   del argv
-  data_cfg = config_utils.data_config(FLAGS.data)
   try:
+    data_cfg = config_utils.data_config(FLAGS.data)
     model = None if FLAGS.model == "pixels" else model_dir.load(FLAGS.model)
     dataset, arrays = train.load_data(data_cfg)
   except (FileNotFoundError, model_dir.ModelDirError, config_utils.ConfigError) as e:
