@@ -25,18 +25,20 @@ FLAGS = flags.FLAGS
 RIDGE_WEIGHTS = tuple(10.0 ** k for k in range(-2, 7))
 
 
-def embed(model: model_dir.TrainedModel | None, arrays: dict, mesh) -> np.ndarray:
-  """``[N, D]`` pooled embeddings of a split's images (flattened pixels without a model)."""
+def embed(model: model_dir.TrainedModel | None, splits: dict, mesh) -> dict:
+  """{split: ``[N, D]`` pooled embeddings} (flattened pixels without a model); one program
+  serves every split."""
   if model is None:
-    return arrays["image"].reshape(len(arrays["image"]), -1).astype(np.float32) / 255.0
+    return {name: a["image"].reshape(len(a["image"]), -1).astype(np.float32) / 255.0
+            for name, a in splits.items()}
 
   @jax.jit
   def predict(variables, images):
     _, aux = model.module().apply(variables, model.preprocess(images), train=False)
     return aux["embedding"], jnp.zeros((images.shape[0], 0))
 
-  embedding, _ = evaluate.predict_split(predict, model.variables, arrays, 512, mesh)
-  return embedding
+  return {name: evaluate.predict_split(predict, model.variables, a, 512, mesh)[0]
+          for name, a in splits.items()}
 
 
 def ridge_accuracies(train_x, train_y, evaluated: dict, num_classes: int) -> dict:
@@ -60,11 +62,11 @@ def main(argv):
     model = None if FLAGS.model == "pixels" else model_dir.load(FLAGS.model)
     dataset, arrays = train.load_data(data_cfg)
   except (FileNotFoundError, model_dir.ModelDirError, config_utils.ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)
-  mesh = train.make_mesh()
-  features = {name: (embed(model, arrays[name], mesh), arrays[name]["label"])
-              for name in (data_cfg.train_split, data_cfg.eval_split, data_cfg.test_split)}
+  names = (data_cfg.train_split, data_cfg.eval_split, data_cfg.test_split)
+  embeddings = embed(model, {name: arrays[name] for name in names}, train.make_mesh())
+  features = {name: (embeddings[name], arrays[name]["label"]) for name in names}
   train_x, train_y = features.pop(data_cfg.train_split)
   results = ridge_accuracies(train_x, train_y, features, len(dataset.class_names))
   best = max(results, key=lambda weight: results[weight][data_cfg.eval_split])

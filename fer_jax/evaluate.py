@@ -163,10 +163,11 @@ def main(argv):
   try:
     model = model_dir.load(flags.FLAGS.model)
     data_cfg = config_utils.data_config(flags.FLAGS.data)
-  except (model_dir.ModelDirError, config_utils.ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    results = evaluate_model(model, data_cfg)
+  # FileNotFoundError: a dataset that is neither built nor downloaded.
+  except (model_dir.ModelDirError, config_utils.ConfigError, FileNotFoundError) as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)
-  results = evaluate_model(model, data_cfg)
   text = json.dumps(results, indent=1)
   print(text)
   if flags.FLAGS.out:
