@@ -38,7 +38,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments.benchmarks import train_step  # noqa: E402
-from fer_jax import train  # noqa: E402
+from fer_jax import cli, train  # noqa: E402
 from fer_jax.data import base  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -178,9 +178,7 @@ def main(argv):
     pack(FLAGS.config.data, pathlib.Path(FLAGS.pack))
   elif argv[1:] == ["train"]:
     if not pathlib.Path(FLAGS.pack).is_file():
-      print(f"--pack={FLAGS.pack}: no such file; write it with the pack command first",
-            file=sys.stderr)
-      sys.exit(2)
+      cli.fail(f"--pack={FLAGS.pack}: no such file; write it with the pack command first")
     # The timing compiles each step once; with the config's epochs the run reuses it.
     jax.config.update("jax_compilation_cache_dir", str(REPO / ".device" / "jax_cache"))
     workdir = pathlib.Path(FLAGS.workdir)

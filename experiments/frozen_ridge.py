@@ -9,13 +9,13 @@ accuracy reported on the test split (PrivateTest). ``--model=pixels`` uses the r
   python -m experiments.frozen_ridge --model=RUN/teacher/model --data=fer2013
 """
 import json
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from fer_jax import cli
 from fer_jax import config_utils
 from fer_jax import evaluate
 from fer_jax import model_dir
@@ -62,8 +62,7 @@ def main(argv):
     model = None if FLAGS.model == "pixels" else model_dir.load(FLAGS.model)
     dataset, arrays = train.load_data(data_cfg)
   except (FileNotFoundError, model_dir.ModelDirError, config_utils.ConfigError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   names = (data_cfg.train_split, data_cfg.eval_split, data_cfg.test_split)
   embeddings = embed(model, {name: arrays[name] for name in names}, train.make_mesh())
   features = {name: (embeddings[name], arrays[name]["label"]) for name in names}

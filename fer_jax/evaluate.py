@@ -23,13 +23,13 @@ prints the results as JSON (``--out`` also writes them).
 import json
 import math
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
+from fer_jax import cli
 from fer_jax import metrics as metrics_lib
 from fer_jax import model_dir
 from fer_jax import steps
@@ -160,14 +160,16 @@ def evaluate_model(model: model_dir.TrainedModel, data_cfg, batch_size: int = 51
 def main(argv):
   del argv
   from fer_jax import config_utils  # pylint: disable=g-import-not-at-top
+  # The output is the JSON on stdout; INFO lines (JAX's backend probing) would bury
+  # an error line on stderr.
+  logging.set_verbosity(logging.WARNING)
   try:
     model = model_dir.load(flags.FLAGS.model)
     data_cfg = config_utils.data_config(flags.FLAGS.data)
     results = evaluate_model(model, data_cfg)
   # FileNotFoundError: a dataset that is neither built nor downloaded.
   except (model_dir.ModelDirError, config_utils.ConfigError, FileNotFoundError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   text = json.dumps(results, indent=1)
   print(text)
   if flags.FLAGS.out:

@@ -75,6 +75,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fer_jax import cli
 from fer_jax import model_dir
 from fer_jax.models import layers
 
@@ -728,8 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = export(args.model, args.out, args.format, args.int8, args.calibration,
                      args.calibration_count, verify_parity=not args.no_verify)
   except ExportError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.report(e)
   print(json.dumps(summary))
   return 0
 

@@ -9,13 +9,13 @@ and exits with status 2.
 import contextlib
 import pathlib
 import re
-import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fer_jax import checkpoint, train
+from fer_jax.cli import fail
 from fer_jax.checkpoint import CheckpointError
 from fer_jax.config_utils import ConfigError
 from fer_jax.model_dir import ModelDirError
@@ -37,11 +37,6 @@ _LAYER_FORMS = flags.DEFINE_enum(
     "Convolution and pooling formulations: 'cpu' (faster gradients on XLA:CPU; "
     "fer_jax.models.layers), 'native' (plain lax ops) or 'auto' (cpu on the CPU backend).")
 flags.mark_flags_as_required(["config"])
-
-
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -44,11 +44,15 @@ def test_flip_averaged_predictions_do_not_change_when_the_face_is_mirrored(faces
 @pytest.mark.parametrize("args, named", [
     (["--model=/absent/model"], "/absent/model"),
     (["--model=fer2013-student", "--data=nope"], "data='nope'"),
+    # AffectNet has no download to build from: the preset's data_dir (under an empty
+    # HOME here) holds no built copy.
+    (["--model=fer2013-student", "--data=affectnet"], "'affectnet' is not built at"),
 ])
-def test_cli_bad_input_is_one_line_and_exit_status_2(args, named):
-  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+def test_cli_bad_input_is_one_line_and_exit_status_2(args, named, tmp_path):
+  import os, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
   done = subprocess.run([sys.executable, "-m", "fer_jax.evaluate", *args],
-                        capture_output=True, text=True, check=False)
+                        capture_output=True, text=True, check=False,
+                        env={**os.environ, "HOME": str(tmp_path)})
   assert done.returncode == 2
   lines = done.stderr.strip().splitlines()
   assert len(lines) == 1 and named in lines[0], done.stderr

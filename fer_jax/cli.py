@@ -1,0 +1,20 @@
+"""Bad input on the command lines: one line on stderr naming it, and exit status 2.
+
+fer_jax.main, fer_jax.evaluate, fer_jax.export and the experiments' commands share
+this; fer_jax.predict reports each failed input on its own line and goes on.
+"""
+import sys
+from typing import NoReturn
+
+EXIT_BAD_INPUT = 2
+
+
+def report(message: object) -> int:
+  """Prints the first line of ``message`` as the error; returns ``EXIT_BAD_INPUT``."""
+  lines = str(message).splitlines() or [repr(message)]
+  print(f"error: {lines[0]}", file=sys.stderr)
+  return EXIT_BAD_INPUT
+
+
+def fail(message: object) -> NoReturn:
+  sys.exit(report(message))
