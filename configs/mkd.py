@@ -9,12 +9,12 @@ occlusions.
 
 Embedded default dataset (no download), 2 CPU cores:
   python -m fer_jax.main --config=configs/mkd.py
-  measured on a 2-core AMD EPYC, 2026-12-02, with the CPU forms of fer_jax.models.layers
-  (1x1 convolutions included): 9 min 9 s wall on shared cores, about 100 s of it compiling;
-  teacher/test/accuracy 0.965, student/test/accuracy 0.921,
-  student/test_occluded/accuracy 0.556. An earlier session on the same CPU model: 7 min
-  0 s, and 12 min 42 s with ``--layer_forms=native``. Before the CPU forms an idle 2-core
-  Intel Xeon took 3 min 36 s (student 0.902, occluded 0.555)
+  measured on 2 idle AMD EPYC cores, 2026-12-05, with the CPU forms of
+  fer_jax.models.layers: 3 min 46 s wall (teacher 74 s and student 110 s of training),
+  teacher/test/accuracy 0.973, student/test/accuracy 0.905,
+  student/test_occluded/accuracy 0.534. On shared cores of the same CPU model, earlier
+  sessions took 7 min 0 s and 9 min 9 s (student 0.921 with the code of then),
+  and 12 min 42 s with ``--layer_forms=native``
   (``variant=raw``: student 0.911, occluded 0.515, in an earlier session).
 FER2013 (built from ../shared/data or your download on first use):
   python -m fer_jax.main --config=configs/mkd.py:data=fer2013
