@@ -641,7 +641,8 @@ def test_streaming_epochs_cover_the_split_and_reshuffle():
   epochs = [np.concatenate([next(it)["label"] for _ in range(6)]) for _ in range(2)]
   for epoch in epochs:
     assert sorted(epoch.tolist()) == list(range(24))
-  assert epochs[0].tolist() != epochs[1].tolist() != list(range(24))
+  assert all(epoch.tolist() != list(range(24)) for epoch in epochs)
+  assert epochs[0].tolist() != epochs[1].tolist()
 
 
 def test_streaming_processes_read_disjoint_shares_of_one_order():

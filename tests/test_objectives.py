@@ -10,6 +10,9 @@ from fer_jax.objectives import ModelOutput
 from helpers import normal
 
 B, C, K, D = 4, 6, 7, 8
+# The terms that distil a frozen teacher, written out rather than read from the terms.
+READS_TEACHER = {"hinton_kd", "fitnet", "attention_transfer", "mkd", "teacher_bounded", "disco",
+                 "asdc_attention", "asdc_key_feature"}
 STAGES = {f"stage{i}": (B, 8 // 2 ** (i - 2) if i < 5 else 1, 8 // 2 ** (i - 2) if i < 5 else 1, C)
           for i in range(2, 6)}
 
@@ -51,7 +54,8 @@ def test_each_term_runs_on_exactly_the_inputs_it_declares(kind):
   loss, _ = term.init_with_output(jax.random.key(1), inputs, True)
   assert loss.shape == () and np.isfinite(float(loss)), kind
   specs = objectives.term_specs({"t": {"kind": kind}})
-  assert (objectives.reads_teacher(specs) == ["t"]) == any(s == "teacher" for s, _ in reads)
+  assert (objectives.reads_teacher(specs) == ["t"]) == (kind in READS_TEACHER)
+  assert (kind in READS_TEACHER) == any(s == "teacher" for s, _ in reads)
 
 
 @pytest.mark.parametrize("kind", [k for k in objectives.TERMS.names()
@@ -120,12 +124,26 @@ def test_mkd_teacher_attention_matches_a_numpy_reference():
 
 
 def test_mkd_learned_attention_adds_its_own_probe_loss():
-  inputs, pairs, mkd, loss, variables = _mkd_and_fitnet("learned", False)
-  assert {f"attention_{i}" for i in range(len(pairs))} <= set(variables["params"])
-  # Without the probe's cross-entropy the weighted feature loss is smaller.
-  feature_only = objectives.TERMS.get("mkd")(pairs=pairs, attention="uniform").apply(
-      {"params": {"adapt": variables["params"]["adapt"]}}, inputs, True)
-  assert float(loss) > 0 and float(loss) != pytest.approx(float(feature_only))
+  """The loss is the mean over pairs of the probe's cross-entropy plus the feature error
+  weighted by the probe's map (weights and cross-entropy from the trained sub-module,
+  the weighting and the sum in numpy)."""
+  inputs, pairs, _, loss, variables = _mkd_and_fitnet("learned", False)
+  labels = inputs["batch"]["label"]
+  num_classes = inputs["student"].logits.shape[-1]
+  total, probe_losses = 0.0, []
+  for i, (s_name, t_name) in enumerate(pairs):
+    t = inputs["teacher"].aux[t_name]
+    weights, probe_loss = objectives._SpatialAttention(num_classes).apply(  # pylint: disable=protected-access
+        {"params": variables["params"][f"attention_{i}"]}, t, labels)
+    weights = np.asarray(weights, np.float64).reshape(B, -1)
+    kernel = np.asarray(variables["params"]["adapt"][f"adapter_{i}"]["conv"]["kernel"])[0, 0]
+    s = np.asarray(inputs["student"].aux[s_name], np.float64) @ kernel
+    per_location = ((s - np.asarray(t, np.float64)) ** 2).mean(-1).reshape(B, -1)
+    probe_losses.append(float(probe_loss))
+    total += float(probe_loss) + (weights * per_location).sum() / weights.sum()
+  np.testing.assert_allclose(float(loss), total / len(pairs), rtol=1e-5)
+  # An untrained probe over 7 classes: its cross-entropy is near log 7, not zero.
+  assert all(abs(ce - np.log(num_classes)) < 1.0 for ce in probe_losses), probe_losses
 
 
 def test_mkd_rejects_an_unknown_attention():

@@ -32,8 +32,15 @@ def test_contrastive_state_shares_no_buffer_on_one_device():
   pointers = [x.unsafe_buffer_pointer() for x in leaves]
   assert len(set(pointers)) == len(pointers)
   assert {"ema", "queue", "queue_ptr"} <= set(phase.state)
-  _, state, metrics, _ = run_steps(phase, arrays, mesh, 2)
-  assert int(state["queue_ptr"]) == 2 * 16 % 32 and np.isfinite(float(metrics["loss/moco"]))
+  initial_queue = np.asarray(phase.state["queue"])  # copied: the step donates the state
+  _, state, metrics, _ = run_steps(phase, arrays, mesh, 3)
+  # Each step enqueues its 16 keys: three steps fill slots 0-15, 16-31, then 0-15 again.
+  assert int(state["queue_ptr"]) == (3 * 16) % 32 == 16
+  queue = np.asarray(state["queue"])
+  for rows in (slice(0, 16), slice(16, 32)):
+    assert not np.allclose(queue[rows], initial_queue[rows])
+  assert np.all(np.isfinite(queue))  # keys stored as projected; info_nce normalises them
+  assert np.isfinite(float(metrics["loss/moco"]))
   assert "accuracy" not in metrics  # no labels are used in a contrastive phase
 
 
