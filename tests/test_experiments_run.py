@@ -121,5 +121,5 @@ def test_device_train_without_its_pack_is_one_line_and_exit_status_2(tmp_path):
       capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parents[1], check=False)
   assert done.returncode == 2
   assert done.stderr.strip().splitlines()[-1] == (
-      f"--pack={missing}: no such file; write it with the pack command first")
+      f"error: --pack={missing}: no such file; write it with the pack command first")
   assert not (tmp_path / "run").exists()
