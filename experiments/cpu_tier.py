@@ -60,8 +60,9 @@ for _ablation, _part in (("no_fpn", "the feature pyramid"), ("no_regions", "the 
                          ("no_channel_mask", "the masked-channel branch")):
   ROWS[f"AFNet teacher without {_part}"] = (
       f"teacher_vgg16_{_ablation}", "teacher", f"{MAIN},teacher={_ablation},teacher_only")
-# The best ablation at 1.5x the width (74 MMACs, 81 minutes of steps at 177 img/s on 2 AMD
-# EPYC cores), inside the teacher's 120-minute budget.
+# The best ablation at 1.5x the width (74 MMACs; its step runs at 177 img/s on 2 AMD EPYC
+# cores, 81 minutes for 30 epochs; the run took 100 with pauses), inside the teacher's
+# 120-minute budget.
 ROWS["AFNet teacher without the region attention, VGG width 24"] = (
     "teacher_vgg24_no_regions", "teacher",
     f"{MAIN},teacher=no_regions,teacher_only --config.teacher.model_kwargs.backbone_kwargs.width=24")
