@@ -178,13 +178,25 @@ def test_random_erasing_covers_the_requested_area():
   np.testing.assert_allclose(erased.mean(axis=(1, 2, 3)), 100 / 1024, atol=3 / 1024)
 
 
-def test_occlusion_probability_switches_occluders_on_and_off():
-  images = jnp.full((4, 32, 32, 1), 128, jnp.uint8)
-  cfg = dict(IDENTITY, occlusion_prob=1.0)
-  always = _pixels(aug.augment(jax.random.key(6), images, cfg))
-  # Every occluder covers at least 10% of the crop (docs/occlusion_protocol.md);
-  # the margin allows for a mid-tone hand that matches the grey in places.
-  assert np.all((np.abs(always - 128) > 0.5).mean(axis=(1, 2, 3)) > 0.05)
+def _changed_images(field, prob, key):
+  """Which of 256 grey images the augmentation with ``field=prob`` alone changed."""
+  grey = jnp.full((256, 32, 32, 1), 128, jnp.uint8)
+  out = _pixels(aug.augment(jax.random.key(key), grey, dict(IDENTITY, **{field: prob})))
+  changed = np.abs(out - 128) > 0.5
+  # An occluder covers at least 10% of the crop (docs/occlusion_protocol.md), an erased
+  # patch 2%; the margins allow for fill values that match the grey in places.
+  least = {"occlusion_prob": 0.05, "erase_prob": 0.01}[field]
+  hit = changed.mean(axis=(1, 2, 3))
+  assert np.all((hit == 0) | (hit > least)), "an image was changed in only a few pixels"
+  return hit > 0
+
+
+@pytest.mark.parametrize("field", ["occlusion_prob", "erase_prob"])
+def test_the_probability_switches_each_image_on_or_off(field):
+  assert not _changed_images(field, 0.0, key=6).any()
+  assert _changed_images(field, 1.0, key=6).all()
+  # 256 fair coins: 5 standard deviations (0.156) either side of a half.
+  assert 0.34 < _changed_images(field, 0.5, key=6).mean() < 0.66
 
 
 def test_jits_once_per_shape():

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from fer_jax import checkpoint
 from fer_jax import config_utils as cu
 from fer_jax import model_dir
 from fer_jax import train
@@ -58,6 +59,13 @@ def test_loaded_model_reproduces_the_trainers_evaluation(trained):
   logits, va = jax.jit(model.apply)(test["image"])
   accuracy = float(np.mean(np.argmax(logits, -1) == test["label"]))
   assert accuracy == pytest.approx(results["teacher/test/accuracy"])
+  # A few steps leave the tiny teacher near chance, where any weights score alike: the
+  # weights themselves must be the ones selection kept in the phase's best checkpoint.
+  best = checkpoint.Checkpoints(directory.parent / "best")
+  kept, _ = best.restore(best.latest_step(), model.variables)
+  best.close()
+  assert set(kept) == set(model.variables) >= {"params"}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(kept), model.variables)
   assert va.shape == (len(test["label"]), 0)
   spec = json.loads((directory / "model.json").read_text())
   assert spec["format_version"] == model_dir.FORMAT_VERSION
