@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -474,7 +475,9 @@ def test_every_cpu_tier_table_command_loads_its_config():
       config_name, arg = config_flag.removeprefix("--config=configs/").split(".py:")
       config = load_config(config_name, arg, *overrides)
       assert config.data.name == data and phase in config.phases, name
-      assert config.get("teacher", {}).get("checkpoint", "") in command, name
+      named = re.search(r"teacher_checkpoint=([^,\s]+)", command)
+      assert config.get("teacher", {}).get("checkpoint", "") == (
+          named.group(1) if named else ""), name
 
 
 @pytest.mark.slow

@@ -282,9 +282,11 @@ def _torch_resnet(ref, x, stage_sizes, bottleneck):
       else:
         r = relu(ref.conv_bn(y, f"{unit}/conv1", stride))
         r = ref.conv_bn(r, f"{unit}/conv2")
-      has_projection = "shortcut" in ref.params[unit]
-      shortcut = ref.conv_bn(y, f"{unit}/shortcut", stride) if (
-          has_projection) else y
+      # torchvision: a projection where the stride or the channels change, i.e. in each
+      # stage's first unit but the basic-block stage 1's.
+      has_projection = j == 0 and (i > 0 or bottleneck)
+      assert ("shortcut" in ref.params[unit]) == has_projection, unit
+      shortcut = ref.conv_bn(y, f"{unit}/shortcut", stride) if has_projection else y
       y = relu(r + shortcut)
   return ref.heads(y.mean(dim=(2, 3)))
 
@@ -321,15 +323,19 @@ def test_iresnet_matches_torch_reference(mid_bn):
   logits, aux = jax.jit(model.apply)(variables, x)
   ref = _Torch(variables)
   y = ref.prelu(ref.conv_bn(ref.nchw(x), "stem"), "stem_prelu")
+  channels = 4
   for i, n in enumerate(stage_sizes):
     for j in range(n):
       unit = f"stage{i + 1}_unit{j + 1}"
       stride = 2 if j == 0 else 1
+      # face.evoLVe's bottleneck_IR: a projection only where the channels change.
+      projected, channels = channels != 4 * 2**i, 4 * 2**i
+      assert ("shortcut" in ref.params[unit]) == projected, unit
       r = ref.bn(y, f"{unit}/bn_in")
       r = (ref.conv_bn(r, f"{unit}/conv1") if mid_bn
            else ref.conv(r, f"{unit}/conv1"))
       r = ref.conv_bn(ref.prelu(r, f"{unit}/prelu"), f"{unit}/conv2", stride)
-      if "shortcut" in ref.params[unit]:
+      if projected:
         shortcut = ref.conv_bn(y, f"{unit}/shortcut", stride)
       else:
         shortcut = ref.F.max_pool2d(y, 1, stride)
@@ -413,17 +419,19 @@ def _numpy_kernel_grad(x, grad_out, kernel_size):
       for j in range(kw)]) for i in range(kh)])
 
 
-@pytest.mark.parametrize("batch,kernel_size,chunk_bytes", [
-    (6, (3, 3), layers.PATCH_CHUNK_BYTES),  # one chunk of 2 images
-    (5, (3, 3), 1),                         # odd batch: one image a chunk
-    (8, (5, 5), 4 * 10 * 10 * 25 * 3 * 2),  # 5x5, two images a chunk, four chunks
-    (6, (1, 1), 4 * 10 * 10 * 3 * 2),       # 1x1: the patches are the input
-    (4, (1, 3), layers.PATCH_CHUNK_BYTES),  # AFNet's wide and tall kernels
-    (4, (3, 1), 1),
+@pytest.mark.parametrize("batch,kernel_size,chunk_bytes,chunk", [
+    (6, (3, 3), layers.PATCH_CHUNK_BYTES, 2),  # the largest power of two dividing 6
+    (5, (3, 3), 1, 1),                         # odd batch: one image a chunk
+    (8, (5, 5), 4 * 14 * 14 * 25 * 3 * 2, 2),  # 5x5 (14x14 padded): four chunks of two
+    (6, (1, 1), 4 * 10 * 10 * 3 * 2, 2),       # 1x1: the patches are the input
+    (4, (1, 3), layers.PATCH_CHUNK_BYTES, 4),  # AFNet's wide and tall kernels
+    (4, (3, 1), 1, 1),
 ])
 def test_patch_grad_conv_equals_lax_in_value_and_gradients(monkeypatch, batch, kernel_size,
-                                                           chunk_bytes):
+                                                           chunk_bytes, chunk):
   monkeypatch.setattr(layers, "PATCH_CHUNK_BYTES", chunk_bytes)
+  padded = (batch, 10 + kernel_size[0] - 1, 10 + kernel_size[1] - 1, 3)
+  assert layers._batch_chunk(padded, kernel_size, 4) == chunk  # pylint: disable=protected-access
   x = normal(0, (batch, 10, 10, 3))
   kernel = normal(1, (*kernel_size, 3, 4))
   weights = normal(2, (batch, 10, 10, 4))
