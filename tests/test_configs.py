@@ -29,6 +29,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from fer_jax import model_dir
 from fer_jax import models
 from fer_jax import phase as phase_lib
 from fer_jax import train
@@ -295,6 +296,18 @@ def test_teacher_bounded_students_report_valence_arousal(tmp_path):
         assert 0.0 <= values[f"{dim}_rmse"] <= 2.0
         assert -1.0 <= values[f"{dim}_pcc"] <= 1.0 and -1.0 <= values[f"{dim}_ccc"] <= 1.0
         check_whole_multiple(values[f"{dim}_sagr"], n, f"{phase} {split} {dim}_sagr")
+  # The clean split's figures, recomputed in numpy from each saved student's predictions.
+  test = train.load_data(config.data)[1][config.data.test_split]
+  for phase in students:
+    _, va = model_dir.load(tmp_path / phase / "model").apply(test["image"])
+    for dim, pred in zip(("valence", "arousal"), np.clip(np.asarray(va, np.float64), -1, 1).T):
+      target = np.asarray(test[dim], np.float64)
+      rmse = np.sqrt(np.mean((pred - target) ** 2))
+      ccc = 2 * np.cov(pred, target, bias=True)[0, 1] / (
+          pred.var() + target.var() + (pred.mean() - target.mean()) ** 2)
+      got = results[f"{phase}/{config.data.test_split}/{dim}_rmse"], results[
+          f"{phase}/{config.data.test_split}/{dim}_ccc"]
+      np.testing.assert_allclose(got, (rmse, ccc), atol=1e-4, err_msg=f"{phase} {dim}")
 
 
 def _data_without_valence_arousal():
