@@ -106,6 +106,10 @@ ROWS["Hinton KD, VGG width 9, 40 epochs, from the width-24 teacher"] = (
     "student_w9_hinton40_w24_teacher", "student",
     f"{MAIN},distill=hinton,epochs=40,teacher_checkpoint=TEACHER_NO_REGIONS_W24"
     " --config.student.model_kwargs.width=9")
+# The shipped student's net and epochs trained alone: what the distillation adds there.
+ROWS["VGG width 9 alone, 40 epochs"] = (
+    "student_w9_alone40", "student",
+    f"{MAIN},distill=none,epochs=40{SMOOTHING} --config.student.model_kwargs.width=9")
 # ASDC's distillation from the supervised teacher: the student sees no label before the probe.
 # DisCo at weight 1 (our per-sample mean) taught the student little; configs/asdc.py now
 # takes the weight of DisCo's reference code, 64. The probe's MoCo learning rate (1.0)
