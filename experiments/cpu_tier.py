@@ -102,10 +102,11 @@ ROWS["Hinton KD, VGG width 9, 40 epochs, from the teacher without the region att
     " --config.student.model_kwargs.width=9")
 # The same student and recipe from the width-24 teacher (the best on PublicTest); its
 # forward costs twice the width-16 one's, so the distillation takes longer.
-ROWS["Hinton KD, VGG width 9, 40 epochs, from the width-24 teacher"] = (
-    "student_w9_hinton40_w24_teacher", "student",
-    f"{MAIN},distill=hinton,epochs=40,teacher_checkpoint=TEACHER_NO_REGIONS_W24"
-    " --config.student.model_kwargs.width=9")
+for _name, _folder, _arg in (("", "", ""), (", seed 1", "_s1", ",seed=1")):
+  ROWS[f"Hinton KD, VGG width 9, 40 epochs, from the width-24 teacher{_name}"] = (
+      f"student_w9_hinton40_w24_teacher{_folder}", "student",
+      f"{MAIN},distill=hinton,epochs=40{_arg},teacher_checkpoint=TEACHER_NO_REGIONS_W24"
+      " --config.student.model_kwargs.width=9")
 # The shipped student's net and epochs trained alone: what the distillation adds there.
 ROWS["VGG width 9 alone, 40 epochs"] = (
     "student_w9_alone40", "student",
