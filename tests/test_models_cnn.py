@@ -323,13 +323,13 @@ def test_iresnet_matches_torch_reference(mid_bn):
   logits, aux = jax.jit(model.apply)(variables, x)
   ref = _Torch(variables)
   y = ref.prelu(ref.conv_bn(ref.nchw(x), "stem"), "stem_prelu")
-  channels = 4
+  channels = model.width
   for i, n in enumerate(stage_sizes):
     for j in range(n):
       unit = f"stage{i + 1}_unit{j + 1}"
       stride = 2 if j == 0 else 1
       # face.evoLVe's bottleneck_IR: a projection only where the channels change.
-      projected, channels = channels != 4 * 2**i, 4 * 2**i
+      projected, channels = channels != model.width * 2**i, model.width * 2**i
       assert ("shortcut" in ref.params[unit]) == projected, unit
       r = ref.bn(y, f"{unit}/bn_in")
       r = (ref.conv_bn(r, f"{unit}/conv1") if mid_bn

@@ -306,9 +306,9 @@ def test_pytorch_twin_matches_published_implementation(torch_twins, name, refere
   this ties the Flax models to the published code. Not in the torch_reference extra:
   the registry's torchvision 0.28.0 wheel (the default build, not the +cpu one) does
   not load its compiled operators beside torch 2.13.0+cpu ("operator torchvision::nms
-  does not exist" at import, checked 2026-12-05), and timm needs torchvision. Run it where a CPU build of
-  torchvision matches torch: ``pip install torchvision timm --index-url
-  https://download.pytorch.org/whl/cpu``.
+  does not exist" at import, checked 2026-12-05), and timm needs torchvision. Run it
+  where a CPU build of torchvision matches torch: ``pip install torchvision timm
+  --index-url https://download.pytorch.org/whl/cpu``.
   """
   import torch  # pylint: disable=import-outside-toplevel
   module_name, constructor = reference.split(":")

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"))
-import op_profile  # pylint: disable=g-import-not-at-top,wrong-import-position  # a repo module: never skipped
+# A repo module, imported, never skipped: its breakage must fail the tests.
+import op_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HLO = """\
 %fused_computation (param_0: f32[2,4]) -> f32[2,4] {
