@@ -170,6 +170,12 @@ FERPLUS_ROWS["Hinton KD from the vote-distribution teacher, weights averaged (0.
     "ferplus_student_hinton_votes_teacher_ema", "student",
     FERPLUS_ROWS["Hinton KD from the vote-distribution teacher"][2]
     + " --config.student.ema_decay=0.998")
+# FER2013's shipped recipe (the VGG at width 9, Hinton KD, 40 epochs) on FERPlus, from the
+# vote-distribution teacher.
+FERPLUS_ROWS["Hinton KD, VGG width 9, 40 epochs, from the vote-distribution teacher"] = (
+    "ferplus_student_w9_hinton40_votes_teacher", "student",
+    f"{FERPLUS},distill=hinton,epochs=40,teacher_checkpoint=TEACHER_VOTES"
+    " --config.student.model_kwargs.width=9")
 # dataset -> (rows, {results key: column header}, what the commands' placeholders name);
 # the first column is the reported one.
 TABLES = {
