@@ -102,7 +102,8 @@ ROWS["Hinton KD, VGG width 9, 40 epochs, from the teacher without the region att
     " --config.student.model_kwargs.width=9")
 # The same student and recipe from the width-24 teacher (the best on PublicTest); its
 # forward costs twice the width-16 one's, so the distillation takes longer.
-for _name, _folder, _arg in (("", "", ""), (", seed 1", "_s1", ",seed=1")):
+for _name, _folder, _arg in (("", "", ""), (", seed 1", "_s1", ",seed=1"),
+                              (", seed 2", "_s2", ",seed=2")):
   ROWS[f"Hinton KD, VGG width 9, 40 epochs, from the width-24 teacher{_name}"] = (
       f"student_w9_hinton40_w24_teacher{_folder}", "student",
       f"{MAIN},distill=hinton,epochs=40{_arg},teacher_checkpoint=TEACHER_NO_REGIONS_W24"
