@@ -87,8 +87,12 @@ the AREA resizes of the full frame into the pyramid (about 30 of its 40 ms at
 exactly (a 2x2 mean) before the pyramid, which is the cheap speed-up; at 20
 px it also raises the smallest face found to 24 px. The prefix sums of the
 AREA resize became an ``associative_scan`` on 2026-12-05: the same frame at
-``min_face_size=40`` on idle AMD EPYC cores went from 65.0 and 61.3 to 58.5
-and 56.8 ms per frame (two alternating runs each, identical boxes).
+``min_face_size=40`` on 2 AMD EPYC cores took 60.3 against 71.8 ms per frame
+with ``jnp.cumsum`` (medians of six rounds alternating the two in one process,
+each round the median of 15 calls; the scan was faster in five; identical
+boxes). The shared cores are noisy: single runs of either ranged 55-84 ms.
+(Writing the max-pools as maxima of strided slices instead of reduce_window
+showed no difference outside that noise: 67.3 against 62.5 ms, the same way.)
 """
 import collections
 import dataclasses
