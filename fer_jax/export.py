@@ -45,9 +45,10 @@ ones. While re-evaluating, the interpreter
     ("Unsupported pooling size"), so a 2-D window goes through Linen's
     ``pool``, which jax2onnx converts to a 2-D MaxPool, and any other window
     becomes the maximum of strided slices. One MaxPool per pool instead of
-    slices took the shipped student from 0.65 to 0.36 ms at batch 1 on one
-    core (about 60 fewer small nodes, and onnxruntime's blocked convolution
-    layout no longer undone at every pooling);
+    slices (with the Softmax below) took the shipped student from 0.44 to
+    0.36 ms at batch 1 on one core, int8 from 0.51 to 0.28 ms (91 fewer
+    nodes, and onnxruntime's blocked convolution layout no longer undone at
+    every pooling; experiments/benchmarks/onnx_ab.py);
   * rewrites jax's ``stack`` primitive (new in jax 0.9) as expand-dims and
     concatenate, which jax2onnx 0.13 converts.
 
