@@ -23,9 +23,6 @@ from fer_jax import steps
 from fer_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "fer2013-student", "A model directory or a pretrained name.")
-flags.DEFINE_string("data", "fer2013", "A data preset (fer_jax.config_utils.data_config).")
-flags.DEFINE_list("taus", ["0", "0.25", "0.5", "0.75", "1"], "The grid of tau.")
 
 
 def adjusted_metrics(logits: np.ndarray, labels: np.ndarray, log_prior: np.ndarray,
@@ -64,4 +61,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined here, not on import: the tests import this module beside other scripts'.
+  flags.DEFINE_string("model", "fer2013-student", "A model directory or a pretrained name.")
+  flags.DEFINE_string("data", "fer2013", "A data preset (fer_jax.config_utils.data_config).")
+  flags.DEFINE_list("taus", ["0", "0.25", "0.5", "0.75", "1"], "The grid of tau.")
   app.run(main)
