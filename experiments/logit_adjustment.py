@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from fer_jax import cli
 from fer_jax import config_utils
 from fer_jax import evaluate
 from fer_jax import metrics as metrics_lib
@@ -36,9 +37,13 @@ def adjusted_metrics(logits: np.ndarray, labels: np.ndarray, log_prior: np.ndarr
 
 def main(argv):
   del argv
-  model = model_dir.load(FLAGS.model)
-  data_cfg = config_utils.data_config(FLAGS.data)
-  _, arrays = train.load_data(data_cfg)
+  try:
+    model = model_dir.load(FLAGS.model)
+    data_cfg = config_utils.data_config(FLAGS.data)
+    _, arrays = train.load_data(data_cfg)
+  # FileNotFoundError: a dataset that is neither built nor downloaded.
+  except (model_dir.ModelDirError, config_utils.ConfigError, FileNotFoundError) as e:
+    cli.fail(e)
   counts = np.bincount(np.asarray(arrays[data_cfg.train_split]["label"]),
                        minlength=len(model.class_names))
   log_prior = np.log(counts / counts.sum())
