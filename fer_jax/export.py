@@ -459,10 +459,8 @@ def _fold_gemm_bias(proto) -> None:
   outputs = {o.name for o in graph.output}
   dropped = set()
   for node in graph.node:
-    if node.op_type != "Gemm" or not _zero_or_no_c(node, inits):
-      continue
-    attrs = {a.name: a for a in node.attribute}
-    if "transB" in attrs and attrs["transB"].i:
+    if (node.op_type != "Gemm" or not _zero_or_no_c(node, inits)
+        or any(a.name == "transB" and a.i for a in node.attribute)):
       continue
     weight = inits.get(node.input[1])
     users = consumers[node.output[0]]

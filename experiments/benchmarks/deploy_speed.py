@@ -414,8 +414,9 @@ def _header(args, cpus, label, uptimes, seconds) -> list[str]:
       f"* date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; "
       f"total {seconds:.0f} s",
       f"* CPU: {cpu_model()}; each case a fresh process pinned to CPUs {cpus} "
-      f"({len(cpus)} thread{'s' if len(cpus) > 1 else ''}: onnxruntime intra_op_num_threads, torch.set_num_threads, "
-      "TFLite num_threads; XLA sizes its pool from the affinity)",
+      f"({len(cpus)} thread{'s' if len(cpus) > 1 else ''}: onnxruntime "
+      "intra_op_num_threads, torch.set_num_threads, TFLite num_threads; XLA sizes its "
+      "pool from the affinity)",
       f"* model: {label}",
       f"* load (`uptime`) before: `{uptimes[0]}`; after: `{uptimes[1]}`. The cores are "
       "shared with a background training job and other engineers' tests, so absolute "

@@ -13,30 +13,24 @@ median. Pin the process (``taskset -c 0,1``) to the cores it may use.
 """
 import argparse
 import pathlib
+import sys
 import time
 
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-DEFAULT_NPZ = REPO.parent / "shared" / "data" / "fer2013" / "fer2013.npz"
+sys.path.insert(0, str(REPO))
 
-
-def session(path: str, threads: int):
-  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
-  options = ort.SessionOptions()
-  options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-  options.log_severity_level = 3
-  return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+from fer_jax import export  # noqa: E402
 
 
 def round_median_ms(sess, faces: np.ndarray, calls: int, warmup: int = 20) -> float:
-  name = sess.get_inputs()[0].name
   for i in range(warmup):
-    sess.run(None, {name: faces[i % len(faces)][None]})
+    export.run(sess, faces[i % len(faces)][None])
   times = []
   for i in range(calls):
     start = time.perf_counter()
-    sess.run(None, {name: faces[i % len(faces)][None]})
+    export.run(sess, faces[i % len(faces)][None])
     times.append(time.perf_counter() - start)
   return 1e3 * float(np.median(times))
 
@@ -47,12 +41,11 @@ def main() -> None:
   parser.add_argument("--threads", default="1,2")
   parser.add_argument("--rounds", type=int, default=6)
   parser.add_argument("--calls", type=int, default=300)
-  parser.add_argument("--npz", default=str(DEFAULT_NPZ))
+  parser.add_argument("--npz", default=str(export.DEFAULT_CALIBRATION))
   args = parser.parse_args()
-  with np.load(args.npz) as data:
-    faces = data["pixels"][data["usage"] == 1][:256][..., None]
+  faces = export.fer2013_faces(args.npz, usage=1, count=256)
   for threads in map(int, args.threads.split(",")):
-    sessions = {path: session(path, threads) for path in args.onnx}
+    sessions = {path: export.session(path, threads) for path in args.onnx}
     rounds = {path: [] for path in args.onnx}
     for _ in range(args.rounds):
       for path, sess in sessions.items():
