@@ -65,7 +65,8 @@ for _ablation, _part in (("no_fpn", "the feature pyramid"), ("no_regions", "the 
 # 120-minute budget.
 ROWS["AFNet teacher without the region attention, VGG width 24"] = (
     "teacher_vgg24_no_regions", "teacher",
-    f"{MAIN},teacher=no_regions,teacher_only --config.teacher.model_kwargs.backbone_kwargs.width=24")
+    f"{MAIN},teacher=no_regions,teacher_only"
+    " --config.teacher.model_kwargs.backbone_kwargs.width=24")
 # More seeds of the students. Seed 1 of Hinton distils seed 0's teacher; seed 2 of
 # Hinton and seeds 1-2 of MKD distil seed 2's (seed 1's run directory was lost with its
 # machine before Hinton's seed 2 finished).
@@ -173,10 +174,11 @@ FERPLUS_ROWS["Hinton KD from the vote-distribution teacher, weights averaged (0.
     + " --config.student.ema_decay=0.998")
 # FER2013's shipped recipe (the VGG at width 9, Hinton KD, 40 epochs) on FERPlus, from the
 # vote-distribution teacher.
-FERPLUS_ROWS["Hinton KD, VGG width 9, 40 epochs, from the vote-distribution teacher"] = (
-    "ferplus_student_w9_hinton40_votes_teacher", "student",
-    f"{FERPLUS},distill=hinton,epochs=40,teacher_checkpoint=TEACHER_VOTES"
-    " --config.student.model_kwargs.width=9")
+for _name, _folder, _arg in (("", "", ""), (", seed 1", "_s1", ",seed=1")):
+  FERPLUS_ROWS[f"Hinton KD, VGG width 9, 40 epochs, from the vote-distribution teacher{_name}"] = (
+      f"ferplus_student_w9_hinton40_votes_teacher{_folder}", "student",
+      f"{FERPLUS},distill=hinton,epochs=40{_arg},teacher_checkpoint=TEACHER_VOTES"
+      " --config.student.model_kwargs.width=9")
 # dataset -> (rows, {results key: column header}, what the commands' placeholders name);
 # the first column is the reported one.
 TABLES = {

@@ -4,11 +4,14 @@
       [--calibration=PATH_TO_fer2013.npz] [--calibration_count=N] [--no_verify]
 
 ``--model`` is a model directory (``fer_jax.model_dir``) or the name of a
-shipped one under ``fer_jax/pretrained/<name>/``.
+shipped one under ``fer_jax/pretrained/<name>/``. ``--input_dtype=float32`` takes
+the same pixels (0-255) as float32: for converters that calibrate with float
+data, such as onnx2tf's int8 TFLite (docs/export.md).
 
 The ONNX graph is the whole of ``TrainedModel.forward`` plus a softmax:
 
-  input   ``images``         uint8 ``[N, *image_shape]`` (N is dynamic)
+  input   ``images``         uint8 ``[N, *image_shape]`` (N is dynamic; float32 with
+                             ``--input_dtype=float32``)
   output  ``probabilities``  float32 ``[N, K]``, in ``class_names`` order
           ``va``             float32 ``[N, num_va]`` (only when ``num_va > 0``)
 
@@ -94,6 +97,8 @@ OPSET = 23
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "va")
 FORMATS = ("onnx",)
+INPUT_DTYPES = ("uint8", "float32")
+_ONNX_INPUT_DTYPES = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}
 # Parity tolerance of the export's own check (probabilities, fp32).
 VERIFY_ATOL = 1e-4
 
@@ -575,15 +580,35 @@ def to_onnx(trained: model_dir.TrainedModel, opset: int = OPSET):
   _fuse_activations(proto)
   _fold_gemm_bias(proto)
   _prune_initializers(proto)
-  _set_metadata(proto, trained)
+  _set_metadata(proto, trained, "uint8")
   return proto
 
 
-def _set_metadata(proto, trained: model_dir.TrainedModel) -> None:
+def float_input(proto, trained: model_dir.TrainedModel):
+  """``proto`` taking the pixels as float32 (0-255): its leading uint8 Cast removed.
+
+  onnx2tf's int8 calibrator feeds float32 to the graph's input; the uint8 graph
+  stops it (docs/export.md, 'TFLite').
+  """
+  import onnx  # pylint: disable=import-outside-toplevel
+  cast, graph = proto.graph.node[0], proto.graph
+  if cast.op_type != "Cast" or list(cast.input) != [INPUT_NAME]:
+    raise ExportError(f"model family {trained.model!r}: the graph does not start with the "
+                      f"input's Cast (found {cast.op_type}); float input is not supported")
+  for node in graph.node:
+    node.input[:] = [INPUT_NAME if x == cast.output[0] else x for x in node.input]
+  graph.node.remove(cast)
+  graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+  _set_metadata(proto, trained, "float32")
+  return proto
+
+
+def _set_metadata(proto, trained: model_dir.TrainedModel, input_dtype: str) -> None:
   meta = {
       "class_names": json.dumps(list(trained.class_names)),
       "image_shape": json.dumps(list(trained.image_shape)),
-      "input": "uint8 NHWC face crops of image_shape; preprocessing is in the graph",
+      "input": f"{input_dtype} NHWC face crops of image_shape, pixel values 0-255; "
+               "preprocessing is in the graph",
       "fer_jax_model": trained.model,
       "fer_jax_model_kwargs": json.dumps(trained.spec()["model_kwargs"]),
       "num_va": str(trained.num_va),
@@ -611,8 +636,9 @@ def session(model, threads: int | None = None):
 
 
 def run(sess, images: np.ndarray) -> dict[str, np.ndarray]:
-  """Outputs of an exported model on uint8 images, by name."""
+  """Outputs of an exported model on uint8 images (as its input type), by name."""
   names = [o.name for o in sess.get_outputs()]
+  images = images.astype(_ONNX_INPUT_DTYPES[sess.get_inputs()[0].type])
   return dict(zip(names, sess.run(names, {INPUT_NAME: np.ascontiguousarray(images)})))
 
 
@@ -674,7 +700,7 @@ def adapt_images(images: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
 
 
 class _Calibration:
-  """onnxruntime's CalibrationDataReader over uint8 batches."""
+  """onnxruntime's CalibrationDataReader over image batches (of the model's input type)."""
 
   def __init__(self, images: np.ndarray, batch_size: int = 32):
     self._batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
@@ -731,10 +757,13 @@ def quantize_int8(fp32_proto, calibration_images: np.ndarray, per_channel: bool 
 
 def export(model: str, out: str | pathlib.Path, fmt: str = "onnx", int8: bool = False,
            calibration: str | pathlib.Path = DEFAULT_CALIBRATION,
-           calibration_count: int = 300, verify_parity: bool = True) -> dict:
+           calibration_count: int = 300, verify_parity: bool = True,
+           input_dtype: str = "uint8") -> dict:
   """Writes the exported model to ``out``; returns a summary."""
   if fmt not in FORMATS:
     raise ExportError(f"--format={fmt!r}: only {', '.join(FORMATS)} is supported")
+  if input_dtype not in INPUT_DTYPES:
+    raise ExportError(f"--input_dtype={input_dtype!r}: expected one of {INPUT_DTYPES}")
   require_extra()
   import onnx  # pylint: disable=import-outside-toplevel
 
@@ -744,12 +773,14 @@ def export(model: str, out: str | pathlib.Path, fmt: str = "onnx", int8: bool = 
     calibration_images = adapt_images(
         fer2013_faces(calibration, usage=0, count=calibration_count), trained.image_shape)
   proto = to_onnx(trained)
-  summary = {"model": trained.model, "out": str(out), "int8": int8}
+  if input_dtype == "float32":
+    proto = float_input(proto, trained)
+  summary = {"model": trained.model, "out": str(out), "int8": int8, "input_dtype": input_dtype}
   if verify_parity:
     check = np.random.default_rng(0).integers(0, 256, (2, *trained.image_shape), np.uint8)
     summary["max_abs_diff_vs_jax"] = verify(trained, proto, check)
   if int8:
-    proto = quantize_int8(proto, calibration_images)
+    proto = quantize_int8(proto, calibration_images.astype(input_dtype))
     summary["calibration_images"] = len(calibration_images)
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -770,6 +801,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION),
                       help="FER2013 npz (keys pixels, usage) for --int8 calibration")
   parser.add_argument("--calibration_count", type=int, default=300)
+  parser.add_argument("--input_dtype", default="uint8", choices=INPUT_DTYPES,
+                      help="the graph's input type; float32 takes the pixels (0-255) as floats")
   parser.add_argument("--no_verify", action="store_true",
                       help="skip the onnxruntime-vs-JAX parity check on two images")
   return parser.parse_args(argv)
@@ -779,7 +812,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
   try:
     summary = export(args.model, args.out, args.format, args.int8, args.calibration,
-                     args.calibration_count, verify_parity=not args.no_verify)
+                     args.calibration_count, verify_parity=not args.no_verify,
+                     input_dtype=args.input_dtype)
   except ExportError as e:
     return cli.report(e)
   print(json.dumps(summary))

@@ -225,6 +225,24 @@ def test_parity_on_fer2013_faces(parity_model, public_faces, batch):
   np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
 
 
+def test_float_input_graph_matches_uint8(parity_model, public_faces):
+  """--input_dtype=float32 takes the same pixels as floats: no Cast, the same outputs."""
+  trained, path = parity_model
+  out = path.with_name("model_float.onnx")
+  assert export.main([f"--model={path.with_name('model')}", f"--out={out}",
+                      "--input_dtype=float32"]) == 0
+  proto = onnx.load(out)
+  (images_in,) = proto.graph.input
+  assert images_in.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+  assert "Cast" not in {node.op_type for node in proto.graph.node}
+  assert "float32" in {p.key: p.value for p in proto.metadata_props}["input"]
+  images, _ = public_faces
+  sess = export.session(out)
+  got = sess.run(["probabilities"], {"images": images.astype(np.float32)})[0]
+  want = export.run(export.session(path), images)["probabilities"]
+  np.testing.assert_array_equal(got, want)
+
+
 # --- every family -------------------------------------------------------------------------
 
 

