@@ -5,11 +5,11 @@ the 3,589 PrivateTest faces of the FER2013 npz and prints its accuracy and its
 top-1 agreement with the JAX model it was exported from. The input type is read
 from the file: uint8 faces, float32 pixels (0-255), or int8 with the file's
 scale and zero point (onnx2tf's full-integer model). docs/export.md ('TFLite')
-has the conversions:
+has the conversions (``python -m fer_jax.export --format=tflite [--int8]``):
 
-  python -m experiments.tflite_accuracy --model=fer2013-student \
-      out/model_float32.tflite out/model_float_integer_quant.tflite
+  python -m experiments.tflite_accuracy --model=fer2013-student fer.tflite fer_int8.tflite
 """
+import importlib.util
 import pathlib
 
 import jax
@@ -35,34 +35,10 @@ def private_test(npz: str, class_names) -> tuple[np.ndarray, np.ndarray]:
   return export.fer2013_faces(npz, PRIVATE_TEST), labels
 
 
-def as_input(faces: np.ndarray, detail: dict) -> np.ndarray:
-  """uint8 faces as the interpreter's input: its dtype, quantised when it is int8."""
-  if detail["dtype"] == np.int8:
-    scale, zero_point = detail["quantization"]
-    return np.clip(np.round(faces / scale + zero_point), -128, 127).astype(np.int8)
-  return faces.astype(detail["dtype"])
-
-
-def tflite_probabilities(path: str, faces: np.ndarray) -> np.ndarray:
-  try:
-    from ai_edge_litert.interpreter import Interpreter  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    cli.fail("tflite_accuracy needs ai-edge-litert: pip install ai-edge-litert==2.3.0")
-  interpreter = Interpreter(model_path=path)
-  source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-  interpreter.resize_tensor_input(source["index"], list(faces.shape))
-  interpreter.allocate_tensors()
-  interpreter.set_tensor(source["index"], as_input(faces, source))
-  interpreter.invoke()
-  out = interpreter.get_tensor(target["index"]).astype(np.float32)
-  if target["dtype"] != np.float32:
-    scale, zero_point = target["quantization"]
-    out = (out - zero_point) * scale
-  return out
-
-
 def main(argv):
   paths = argv[1:]
+  if importlib.util.find_spec("ai_edge_litert") is None:
+    cli.fail("tflite_accuracy needs ai-edge-litert: pip install ai-edge-litert==2.3.0")
   missing = [p for p in paths if not pathlib.Path(p).is_file()] or ([] if paths else ["(none)"])
   if missing:
     cli.fail(f"no .tflite file at {', '.join(missing)}: expected the files to evaluate")
@@ -77,7 +53,7 @@ def main(argv):
         f"({len(labels)} faces)")
   for path in paths:
     try:
-      top1 = tflite_probabilities(path, faces).argmax(-1)
+      top1 = export.tflite_probabilities(path, faces).argmax(-1)
     except (ValueError, RuntimeError) as e:  # not a TFLite model, or one that cannot run
       cli.fail(f"{path}: {e}")
     print(f"{path}: {100 * np.mean(top1 == labels):.2f} % PrivateTest, "

@@ -1,12 +1,22 @@
-"""Exports a trained model, preprocessing included, to ONNX (optionally int8).
+"""Exports a trained model, preprocessing included, to ONNX or TFLite (optionally int8).
 
   python -m fer_jax.export --model=NAME_OR_DIR --format=onnx --out=FILE [--int8]
       [--calibration=PATH_TO_fer2013.npz] [--calibration_count=N] [--no_verify]
+  python -m fer_jax.export --model=NAME_OR_DIR --format=tflite --out=FILE [--int8]
+      --onnx2tf=VENV312/bin/onnx2tf
 
 ``--model`` is a model directory (``fer_jax.model_dir``) or the name of a
 shipped one under ``fer_jax/pretrained/<name>/``. ``--input_dtype=float32`` takes
 the same pixels (0-255) as float32: for converters that calibrate with float
 data, such as onnx2tf's int8 TFLite (docs/export.md).
+
+``--format=tflite`` converts the ONNX graph with onnx2tf's TensorFlow-free
+``flatbuffer_direct`` backend. onnx2tf needs Python 3.12 and pins packages that
+clash with this environment, so ``--onnx2tf`` names the executable of its own
+venv. fp32 keeps the uint8 input; ``--int8`` converts the float-input graph
+(onnx2tf's calibrator feeds float32), calibrated on the same FER2013 Training
+faces, and writes onnx2tf's ``integer_quant`` model: float32 pixels in,
+probabilities out, int8 inside.
 
 The ONNX graph is the whole of ``TrainedModel.forward`` plus a softmax:
 
@@ -77,6 +87,8 @@ import logging
 import math
 import pathlib
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -93,10 +105,12 @@ from fer_jax.models import layers
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CALIBRATION = REPO_ROOT.parent / "shared" / "data" / "fer2013" / "fer2013.npz"
 INSTALL_HINT = 'pip install -e ".[export]"'
+ONNX2TF_HINT = ("python3.12 -m venv VENV && VENV/bin/pip install onnx2tf==2.6.9, then "
+                "--onnx2tf=VENV/bin/onnx2tf")
 OPSET = 23
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "va")
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "tflite")
 INPUT_DTYPES = ("uint8", "float32")
 _ONNX_INPUT_DTYPES = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}
 # Parity tolerance of the export's own check (probabilities, fp32).
@@ -755,36 +769,138 @@ def quantize_int8(fp32_proto, calibration_images: np.ndarray, per_channel: bool 
 # --- the command ---------------------------------------------------------------------
 
 
+# --- TFLite --------------------------------------------------------------------------
+
+
+def find_onnx2tf(executable: str) -> str:
+  """The onnx2tf executable's path, or an ExportError that says how to install it."""
+  found = shutil.which(executable) if executable else None
+  if not found:
+    raise ExportError(f"--format=tflite needs onnx2tf 2.6.x, which needs its own Python "
+                      f"3.12 venv (--onnx2tf={executable or '(not given)'} is no "
+                      f"executable): {ONNX2TF_HINT}")
+  return found
+
+
+def to_tflite(proto, onnx2tf: str, calibration_images: np.ndarray | None = None) -> bytes:
+  """The TFLite flatbuffer onnx2tf's TF-free backend makes of ``proto``.
+
+  With ``calibration_images`` (uint8), ``proto`` must take float32 pixels
+  (``float_input``) and the model is onnx2tf's int8 ``integer_quant`` one.
+  """
+  import onnx  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = pathlib.Path(tmp)
+    onnx.save(proto, tmp / "model.onnx")
+    options, made = [], tmp / "tflite" / "model_float32.tflite"
+    if calibration_images is not None:
+      np.save(tmp / "calibration.npy", calibration_images.astype(np.float32))
+      # mean 0 and std 1: the graph normalises the 0-255 pixels itself.
+      options = ["-oiqt", "-cind", INPUT_NAME, str(tmp / "calibration.npy"), "[[[[0.]]]]",
+                 "[[[[1.]]]]"]
+      made = made.with_name("model_integer_quant.tflite")
+    proc = subprocess.run(
+        [onnx2tf, "-i", str(tmp / "model.onnx"), "-o", str(tmp / "tflite"), "-tb",
+         "flatbuffer_direct", "-b", "1", "-kat", INPUT_NAME, *options],
+        capture_output=True, text=True, check=False)
+    # With -oiqt onnx2tf 2.6.9 exits 1 after writing the int8 files: its next variant
+    # (int16 activations) fails its own validation ("SUB ... input1_shift <= 0").
+    if not made.is_file():
+      tail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+      raise ExportError(f"onnx2tf did not write {made.name}: {tail[:300]}")
+    return made.read_bytes()
+
+
+def _tflite_input(images: np.ndarray, detail: dict) -> np.ndarray:
+  """uint8 images as a TFLite input: its dtype, quantised when it is int8."""
+  if detail["dtype"] == np.int8:
+    scale, zero_point = detail["quantization"]
+    return np.clip(np.round(images / scale + zero_point), -128, 127).astype(np.int8)
+  return images.astype(detail["dtype"])
+
+
+def tflite_probabilities(model: bytes | str | pathlib.Path, images: np.ndarray) -> np.ndarray:
+  """Probabilities of a TFLite model (ai-edge-litert) for uint8 images, in one batch.
+
+  The input may be uint8, float32 pixels (0-255) or int8 with the file's scale and
+  zero point (onnx2tf's full-integer model); a quantised output is dequantised.
+  """
+  from ai_edge_litert.interpreter import Interpreter  # pylint: disable=import-outside-toplevel
+  interpreter = (Interpreter(model_content=model) if isinstance(model, bytes)
+                 else Interpreter(model_path=str(model)))
+  source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+  interpreter.resize_tensor_input(source["index"], list(images.shape))
+  interpreter.allocate_tensors()
+  interpreter.set_tensor(source["index"], _tflite_input(images, source))
+  interpreter.invoke()
+  out = interpreter.get_tensor(target["index"]).astype(np.float32)
+  if target["dtype"] != np.float32:
+    scale, zero_point = target["quantization"]
+    out = (out - zero_point) * scale
+  return out
+
+
+def verify_tflite(trained: model_dir.TrainedModel, model: bytes, images: np.ndarray,
+                  atol: float = VERIFY_ATOL) -> float | None:
+  """Max |probability difference| of the TFLite model against JAX (None without
+  ai-edge-litert); ExportError past ``atol``."""
+  try:
+    got = tflite_probabilities(model, images)
+  except ImportError:
+    return None
+  want = np.asarray(jax.nn.softmax(trained.apply(jnp.asarray(images))[0], axis=-1))
+  diff = float(np.max(np.abs(got - want)))
+  if not diff <= atol:
+    raise ExportError(f"model family {trained.model!r}: TFLite output differs from JAX by "
+                      f"{diff:.3g} (> {atol})")
+  return diff
+
+
+# --- the command ---------------------------------------------------------------------
+
+
 def export(model: str, out: str | pathlib.Path, fmt: str = "onnx", int8: bool = False,
            calibration: str | pathlib.Path = DEFAULT_CALIBRATION,
            calibration_count: int = 300, verify_parity: bool = True,
-           input_dtype: str = "uint8") -> dict:
+           input_dtype: str = "uint8", onnx2tf: str = "onnx2tf") -> dict:
   """Writes the exported model to ``out``; returns a summary."""
   if fmt not in FORMATS:
-    raise ExportError(f"--format={fmt!r}: only {', '.join(FORMATS)} is supported")
+    raise ExportError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
   if input_dtype not in INPUT_DTYPES:
     raise ExportError(f"--input_dtype={input_dtype!r}: expected one of {INPUT_DTYPES}")
+  if fmt == "tflite" and input_dtype != "uint8":
+    raise ExportError("--input_dtype is for --format=onnx: the TFLite model takes uint8 "
+                      "(fp32) or float32 pixels (--int8)")
   require_extra()
-  import onnx  # pylint: disable=import-outside-toplevel
-
+  onnx2tf = find_onnx2tf(onnx2tf) if fmt == "tflite" else ""
   trained = load_model(model)
   calibration_images = None
   if int8:  # fail on a missing npz before the slow conversion
     calibration_images = adapt_images(
         fer2013_faces(calibration, usage=0, count=calibration_count), trained.image_shape)
+  if fmt == "tflite" and int8:  # onnx2tf's calibrator feeds float32
+    input_dtype = "float32"
   proto = to_onnx(trained)
   if input_dtype == "float32":
     proto = float_input(proto, trained)
-  summary = {"model": trained.model, "out": str(out), "int8": int8, "input_dtype": input_dtype}
+  summary = {"model": trained.model, "out": str(out), "format": fmt, "int8": int8,
+             "input_dtype": input_dtype, "class_names": list(trained.class_names)}
+  check = np.random.default_rng(0).integers(0, 256, (2, *trained.image_shape), np.uint8)
   if verify_parity:
-    check = np.random.default_rng(0).integers(0, 256, (2, *trained.image_shape), np.uint8)
     summary["max_abs_diff_vs_jax"] = verify(trained, proto, check)
+  if fmt == "tflite":
+    data = to_tflite(proto, onnx2tf, calibration_images)
+    if verify_parity and not int8:
+      summary["tflite_max_abs_diff_vs_jax"] = verify_tflite(trained, data, check)
+  else:
+    if int8:
+      proto = quantize_int8(proto, calibration_images.astype(input_dtype))
+    data = proto.SerializeToString()
   if int8:
-    proto = quantize_int8(proto, calibration_images.astype(input_dtype))
     summary["calibration_images"] = len(calibration_images)
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  onnx.save(proto, out)
+  out.write_bytes(data)
   summary["bytes"] = out.stat().st_size
   return summary
 
@@ -801,6 +917,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION),
                       help="FER2013 npz (keys pixels, usage) for --int8 calibration")
   parser.add_argument("--calibration_count", type=int, default=300)
+  parser.add_argument("--onnx2tf", default="onnx2tf",
+                      help="--format=tflite: the onnx2tf executable of a Python 3.12 venv")
   parser.add_argument("--input_dtype", default="uint8", choices=INPUT_DTYPES,
                       help="the graph's input type; float32 takes the pixels (0-255) as floats")
   parser.add_argument("--no_verify", action="store_true",
@@ -813,7 +931,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     summary = export(args.model, args.out, args.format, args.int8, args.calibration,
                      args.calibration_count, verify_parity=not args.no_verify,
-                     input_dtype=args.input_dtype)
+                     input_dtype=args.input_dtype, onnx2tf=args.onnx2tf)
   except ExportError as e:
     return cli.report(e)
   print(json.dumps(summary))

@@ -4,11 +4,15 @@ Needs the ``export`` extra (jax2onnx, onnx, onnxruntime); skipped without it.
 The default run exports the shipped student's model directory (fp32 and int8) and
 the cheapest family with a V/A head (a thin VGG), so the 'va' output is checked too;
 the other families are ``slow`` (``pytest -m slow tests/test_export.py``).
-docs/export.md has the table.
+docs/export.md has the table. The TFLite tests need onnx2tf in its own Python
+3.12 venv, named by ``FER_JAX_ONNX2TF`` (docs/export.md, 'TFLite'), and
+ai-edge-litert; they are skipped without them.
 """
 import collections
 import dataclasses
 import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -241,6 +245,45 @@ def test_float_input_graph_matches_uint8(parity_model, public_faces):
   got = sess.run(["probabilities"], {"images": images.astype(np.float32)})[0]
   want = export.run(export.session(path), images)["probabilities"]
   np.testing.assert_array_equal(got, want)
+
+
+# --- TFLite -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnx2tf():
+  executable = shutil.which(os.environ.get("FER_JAX_ONNX2TF", ""))
+  if not executable:
+    pytest.skip("FER_JAX_ONNX2TF names no onnx2tf executable (python3.12 -m venv V && "
+                "V/bin/pip install onnx2tf==2.6.9; FER_JAX_ONNX2TF=V/bin/onnx2tf)")
+  pytest.importorskip("ai_edge_litert", reason="pip install ai-edge-litert==2.3.0")
+  return executable
+
+
+def test_tflite_without_onnx2tf_is_one_line_exit_2(parity_model, capsys, tmp_path):
+  _, path = parity_model
+  code = export.main([f"--model={path.with_name('model')}", "--format=tflite",
+                      f"--out={tmp_path / 'm.tflite'}", f"--onnx2tf={tmp_path / 'none'}"])
+  err = capsys.readouterr().err
+  assert code == 2 and err.count("\n") == 1 and "onnx2tf==2.6.9" in err
+  assert not (tmp_path / "m.tflite").exists()
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_tflite_matches_jax_on_fer2013_faces(parity_model, public_faces, npz, onnx2tf,
+                                             tmp_path, int8):
+  """fp32: probabilities within 1e-4 of JAX; int8: the same top-1 on >= 95 % of faces."""
+  _, path = parity_model
+  out = tmp_path / "model.tflite"
+  assert export.main([f"--model={path.with_name('model')}", "--format=tflite",
+                      f"--out={out}", f"--onnx2tf={onnx2tf}",
+                      *(["--int8", f"--calibration={npz}"] if int8 else [])]) == 0
+  images, want = public_faces
+  got = export.tflite_probabilities(out.read_bytes(), images)
+  if int8:
+    assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.95
+  else:
+    np.testing.assert_allclose(got, want, rtol=0, atol=PARITY_ATOL)
 
 
 # --- every family -------------------------------------------------------------------------

