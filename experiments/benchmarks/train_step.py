@@ -7,7 +7,9 @@ freshly initialised weights: speed does not depend on them.
 
 ``--variants`` repeats the measurement of one phase with some of its loss terms
 removed, to show what each term costs (the teacher's forward goes when no term
-reads the teacher). Every case is compiled first, then timed in ``--rounds``
+reads the teacher). ``--overrides`` times one phase under several sets of config
+overrides instead (``;`` between the cases, ``,`` between one case's
+``path=value`` pairs). Every case is compiled first, then timed in ``--rounds``
 interleaved rounds of ``--steps / --rounds`` steps: on shared cores the load
 drifts more over a minute than a loss term costs.
 
@@ -16,12 +18,16 @@ Usage (the commands behind train_step.md; a few minutes each on 2 idle cores):
   python experiments/benchmarks/train_step.py --config=configs/mkd.py
   python experiments/benchmarks/train_step.py --config=configs/mkd.py --phase=student \
       --variants="ce;ce,kd;ce,kd,mkd" --steps=40 --rounds=5
+  python experiments/benchmarks/train_step.py --config=configs/mkd.py --phase=student \
+      --overrides="student.teacher_dtype='float32';student.teacher_dtype='bfloat16'" \
+      --steps=40 --rounds=5
   XLA_FLAGS=--xla_cpu_multi_thread_eigen=false \
       python experiments/benchmarks/train_step.py --config=configs/mkd.py
 
 The config is read as by fer_jax.main, so ``:arg`` and ``--config.x=y``
 overrides work (e.g. ``--config.student.batch_size=128``).
 """
+import ast
 import datetime
 import os
 import pathlib
@@ -48,6 +54,8 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Training config file.")
   flags.DEFINE_string("phase", "", "One phase (default: every phase).")
   flags.DEFINE_string("variants", "", "';'-separated term lists for --phase, e.g. 'ce;ce,kd'.")
+  flags.DEFINE_string("overrides", "", "';'-separated cases of ','-separated config "
+                      "overrides for --phase, e.g. 'student.model_kwargs.width=8;...=9'.")
   flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step.")
   flags.DEFINE_integer("rounds", 1, "Interleaved rounds the timed steps are split into.")
   flags.DEFINE_string("out", "", "Append the markdown table to this file.")
@@ -117,22 +125,52 @@ def with_terms(config, phase: str, keep: list[str]):
   return config
 
 
+def with_overrides(config, overrides: str):
+  """``config`` with each ``dotted.path=value`` of the ','-separated ``overrides`` set
+  (values read as Python literals, else as strings)."""
+  config = config.copy_and_resolve_references()
+  for item in overrides.split(","):
+    path, _, text = item.partition("=")
+    *parents, leaf = path.strip().split(".")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node = config
+    try:
+      for part in parents:
+        node = node[part]
+      node[leaf] = value
+    except (KeyError, TypeError) as e:
+      # ConfigDict's message goes on to list every field of the node.
+      reason = str(e).split(" Other fields")[0]
+      raise app.UsageError(f"--overrides: cannot set {path.strip()}={text}: {reason}") from e
+  return config
+
+
+def cases_of(config) -> list[tuple[str, object, str]]:
+  """(label, config, phase) of each case the flags ask for."""
+  if (FLAGS.variants or FLAGS.overrides) and not FLAGS.phase:
+    raise app.UsageError("--variants and --overrides need --phase")
+  if FLAGS.variants and FLAGS.overrides:
+    raise app.UsageError("give --variants or --overrides, not both")
+  if FLAGS.variants:
+    return [(f"{FLAGS.phase} [{'+'.join(v.split(','))}]",
+             with_terms(config, FLAGS.phase, v.split(",")), FLAGS.phase)
+            for v in FLAGS.variants.split(";")]
+  if FLAGS.overrides:
+    return [(f"{FLAGS.phase} [{case}]", with_overrides(config, case), FLAGS.phase)
+            for case in FLAGS.overrides.split(";")]
+  return [(name, config, name) for name in ([FLAGS.phase] if FLAGS.phase else config.phases)]
+
+
 def main(argv):
   del argv
   config = FLAGS.config
-  phases = [FLAGS.phase] if FLAGS.phase else list(config.phases)
-  variants = [(name, None) for name in phases]
-  if FLAGS.variants:
-    if not FLAGS.phase:
-      raise app.UsageError("--variants needs --phase")
-    variants = [(FLAGS.phase, v.split(",")) for v in FLAGS.variants.split(";")]
-
-  configs = [(with_terms(config, name, keep) if keep else config, name)
-             for name, keep in variants]
+  cases = cases_of(config)
   rows = []
-  for (cfg, name), (_, keep), result in zip(
-      configs, variants, time_phases(configs, FLAGS.steps, FLAGS.rounds)):
-    label = name if keep is None else f"{name} [{'+'.join(keep)}]"
+  results = time_phases([(cfg, name) for _, cfg, name in cases], FLAGS.steps, FLAGS.rounds)
+  for (label, cfg, name), result in zip(cases, results):
     rows.append((label, cfg[name].model, result))
     print(f"{label}: {result}", flush=True)
 
