@@ -766,9 +766,6 @@ def quantize_int8(fp32_proto, calibration_images: np.ndarray, per_channel: bool 
   return proto
 
 
-# --- the command ---------------------------------------------------------------------
-
-
 # --- TFLite --------------------------------------------------------------------------
 
 
@@ -922,7 +919,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--input_dtype", default="uint8", choices=INPUT_DTYPES,
                       help="the graph's input type; float32 takes the pixels (0-255) as floats")
   parser.add_argument("--no_verify", action="store_true",
-                      help="skip the onnxruntime-vs-JAX parity check on two images")
+                      help="skip the parity checks against JAX on two images (onnxruntime; "
+                      "fp32 TFLite when ai-edge-litert is installed)")
   return parser.parse_args(argv)
 
 

@@ -344,15 +344,16 @@ def onnx2tf(args, model_path: pathlib.Path, work: pathlib.Path) -> dict:
   from fer_jax import export  # pylint: disable=import-outside-toplevel
   files = {}
   for key, int8 in (("onnx2tf_tflite", False), ("onnx2tf_int8", True)):
-    out = work / f"{key}.tflite"
+    files[key], out = "", work / f"{key}.tflite"
+    if not args.onnx2tf:
+      files[f"{key}_missing"] = "no --onnx2tf (see docs/export.md, 'TFLite')"
+      continue
     try:
-      if not args.onnx2tf:
-        raise export.ExportError("no --onnx2tf (see docs/export.md, 'TFLite')")
       export.export(str(model_path), out, fmt="tflite", int8=int8, calibration=args.npz,
                     onnx2tf=args.onnx2tf)
       files[key] = str(out)
     except export.ExportError as e:
-      files[key], files[f"{key}_missing"] = "", str(e)
+      files[f"{key}_missing"] = str(e)
   return files
 
 
@@ -385,7 +386,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--skip_int8", action="store_true")
   parser.add_argument("--onnx2tf", default="",
                       help="the onnx2tf executable of a Python 3.12 venv (docs/export.md, "
-                      "'TFLite'); converts the fp32 ONNX and adds its TFLite rows")
+                      "'TFLite'); exports the model as fp32 and int8 TFLite for their rows")
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--latency_calls", type=int, default=300)
   parser.add_argument("--batch_calls", type=int, default=10)
