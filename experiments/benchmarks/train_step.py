@@ -140,9 +140,11 @@ def with_overrides(config, overrides: str):
     try:
       for part in parents:
         node = node[part]
+      if leaf not in node:  # an unlocked ConfigDict would add it silently
+        raise KeyError(f"no field {leaf!r}")
       node[leaf] = value
     except (KeyError, TypeError) as e:
-      # ConfigDict's message goes on to list every field of the node.
+      # A locked ConfigDict's message goes on to list every field of the node.
       reason = str(e).split(" Other fields")[0]
       raise app.UsageError(f"--overrides: cannot set {path.strip()}={text}: {reason}") from e
   return config
