@@ -115,6 +115,9 @@ INPUT_DTYPES = ("uint8", "float32")
 _ONNX_INPUT_DTYPES = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}
 # Parity tolerance of the export's own check (probabilities, fp32).
 VERIFY_ATOL = 1e-4
+# The least top-1 agreement with JAX an int8 export may have on its calibration faces
+# (the shipped student's: 98-99 %); below it the quantisation went wrong.
+MIN_INT8_AGREEMENT = 0.9
 
 
 class ExportError(Exception):
@@ -853,6 +856,24 @@ def verify_tflite(trained: model_dir.TrainedModel, model: bytes, images: np.ndar
   return diff
 
 
+def int8_agreement(trained: model_dir.TrainedModel, fmt: str, model: bytes,
+                   images: np.ndarray) -> float | None:
+  """Top-1 agreement of a quantised model with JAX on uint8 ``images`` (None for a
+  TFLite model without ai-edge-litert); ExportError below ``MIN_INT8_AGREEMENT``."""
+  try:
+    got = (tflite_probabilities(model, images) if fmt == "tflite"
+           else run(session(model), images)["probabilities"])
+  except ImportError:
+    return None
+  want = np.asarray(trained.apply(jnp.asarray(images))[0])
+  agreement = float(np.mean(got.argmax(-1) == want.argmax(-1)))
+  if agreement < MIN_INT8_AGREEMENT:
+    raise ExportError(f"model family {trained.model!r}: the int8 model agrees with JAX on "
+                      f"{100 * agreement:.1f} % of the calibration faces "
+                      f"(< {100 * MIN_INT8_AGREEMENT:.0f} %); not written")
+  return agreement
+
+
 # --- the command ---------------------------------------------------------------------
 
 
@@ -895,6 +916,8 @@ def export(model: str, out: str | pathlib.Path, fmt: str = "onnx", int8: bool = 
     data = proto.SerializeToString()
   if int8:
     summary["calibration_images"] = len(calibration_images)
+    summary["int8_top1_agreement_on_calibration"] = int8_agreement(
+        trained, fmt, data, calibration_images)
   out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_bytes(data)

@@ -353,6 +353,20 @@ def test_int8_needs_the_calibration_npz(parity_model, capsys, tmp_path):
   assert err.count("\n") == 1 and "none.npz" in err
 
 
+def test_int8_that_disagrees_with_jax_is_not_written(parity_model, npz, monkeypatch,
+                                                     capsys, tmp_path):
+  """A quantised model whose top-1 strays from JAX's on the calibration faces (here: the
+  fp32 graph of other weights) is refused, not written."""
+  trained, fp32 = parity_model
+  other = dataclasses.replace(trained, variables=_perturbed(trained.variables, seed=7))
+  monkeypatch.setattr(export, "quantize_int8", lambda proto, images: export.to_onnx(other))
+  out = tmp_path / "x.onnx"
+  assert export.main([f"--model={fp32.with_name('model')}", f"--out={out}", "--int8",
+                      f"--calibration={npz}", "--calibration_count=64"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "of the calibration faces" in err and not out.exists()
+
+
 @pytest.mark.slow
 def test_int8_agreement_on_trained_student(npz, tmp_path):
   """int8 against fp32 on the shipped student: top-1 agreement on 256 PrivateTest
