@@ -669,13 +669,19 @@ def verify(trained: model_dir.TrainedModel, proto, images: np.ndarray,
     op = _op_from_error(e)
     raise ExportError(f"model family {trained.model!r} converts but onnxruntime cannot run "
                       f"it{f' (op {op})' if op else ''}: {_one_line(e)}") from e
+  return _parity(trained, got, images, "ONNX", atol)
+
+
+def _parity(trained: model_dir.TrainedModel, got: dict[str, np.ndarray], images: np.ndarray,
+            what: str, atol: float) -> float:
+  """Max |difference| of an exported model's outputs ``got`` from JAX's on ``images``."""
   logits, va = trained.apply(jnp.asarray(images))
   want = np.asarray(jax.nn.softmax(logits, axis=-1))
   diff = float(np.max(np.abs(got["probabilities"] - want)))
   if "va" in got:
     diff = max(diff, float(np.max(np.abs(got["va"] - np.asarray(va)))))
   if not diff <= atol:
-    raise ExportError(f"model family {trained.model!r}: ONNX output differs from JAX by "
+    raise ExportError(f"model family {trained.model!r}: {what} output differs from JAX by "
                       f"{diff:.3g} (> {atol})")
   return diff
 
@@ -848,12 +854,7 @@ def verify_tflite(trained: model_dir.TrainedModel, model: bytes, images: np.ndar
     got = tflite_probabilities(model, images)
   except ImportError:
     return None
-  want = np.asarray(jax.nn.softmax(trained.apply(jnp.asarray(images))[0], axis=-1))
-  diff = float(np.max(np.abs(got - want)))
-  if not diff <= atol:
-    raise ExportError(f"model family {trained.model!r}: TFLite output differs from JAX by "
-                      f"{diff:.3g} (> {atol})")
-  return diff
+  return _parity(trained, {"probabilities": got}, images, "TFLite", atol)
 
 
 def int8_agreement(trained: model_dir.TrainedModel, fmt: str, model: bytes,
