@@ -63,10 +63,11 @@ for _ablation, _part in (("no_fpn", "the feature pyramid"), ("no_regions", "the 
 # The best ablation at 1.5x the width (74 MMACs; its step runs at 177 img/s on 2 AMD EPYC
 # cores, 81 minutes for 30 epochs; the run took 100 with pauses), inside the teacher's
 # 120-minute budget.
-ROWS["AFNet teacher without the region attention, VGG width 24"] = (
-    "teacher_vgg24_no_regions", "teacher",
-    f"{MAIN},teacher=no_regions,teacher_only"
-    " --config.teacher.model_kwargs.backbone_kwargs.width=24")
+for _name, _folder, _arg in (("", "", ""), (", seed 1", "_s1", ",seed=1")):
+  ROWS[f"AFNet teacher without the region attention, VGG width 24{_name}"] = (
+      f"teacher_vgg24_no_regions{_folder}", "teacher",
+      f"{MAIN},teacher=no_regions,teacher_only{_arg}"
+      " --config.teacher.model_kwargs.backbone_kwargs.width=24")
 # More seeds of the students. Seed 1 of Hinton distils seed 0's teacher; seed 2 of
 # Hinton and seeds 1-2 of MKD distil seed 2's (seed 1's run directory was lost with its
 # machine before Hinton's seed 2 finished).

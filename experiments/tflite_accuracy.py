@@ -53,7 +53,7 @@ def main(argv):
         f"({len(labels)} faces)")
   for path in paths:
     try:
-      top1 = export.tflite_probabilities(path, faces).argmax(-1)
+      top1 = export.tflite_outputs(path, faces)["probabilities"].argmax(-1)
     except (ValueError, RuntimeError) as e:  # not a TFLite model, or one that cannot run
       cli.fail(f"{path}: {e}")
     print(f"{path}: {100 * np.mean(top1 == labels):.2f} % PrivateTest, "

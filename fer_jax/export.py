@@ -825,36 +825,44 @@ def _tflite_input(images: np.ndarray, detail: dict) -> np.ndarray:
   return images.astype(detail["dtype"])
 
 
-def tflite_probabilities(model: bytes | str | pathlib.Path, images: np.ndarray) -> np.ndarray:
-  """Probabilities of a TFLite model (ai-edge-litert) for uint8 images, in one batch.
+def _dequantized(value: np.ndarray, detail: dict) -> np.ndarray:
+  if detail["dtype"] == np.float32:
+    return value
+  scale, zero_point = detail["quantization"]
+  return (value.astype(np.float32) - zero_point) * scale
+
+
+def tflite_outputs(model: bytes | str | pathlib.Path, images: np.ndarray) -> dict[str, np.ndarray]:
+  """Outputs of a TFLite model (ai-edge-litert) for uint8 images, in one batch, by
+  name (``probabilities``, and ``va`` for a model with a V/A head), as ``run`` gives
+  them for ONNX.
 
   The input may be uint8, float32 pixels (0-255) or int8 with the file's scale and
-  zero point (onnx2tf's full-integer model); a quantised output is dequantised.
+  zero point (onnx2tf's full-integer model); quantised outputs are dequantised.
   """
   from ai_edge_litert.interpreter import Interpreter  # pylint: disable=import-outside-toplevel
   interpreter = (Interpreter(model_content=model) if isinstance(model, bytes)
                  else Interpreter(model_path=str(model)))
-  source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+  source = interpreter.get_input_details()[0]
   interpreter.resize_tensor_input(source["index"], list(images.shape))
   interpreter.allocate_tensors()
   interpreter.set_tensor(source["index"], _tflite_input(images, source))
   interpreter.invoke()
-  out = interpreter.get_tensor(target["index"]).astype(np.float32)
-  if target["dtype"] != np.float32:
-    scale, zero_point = target["quantization"]
-    out = (out - zero_point) * scale
-  return out
+  # onnx2tf's integer_quant model names its float outputs '<onnx name>_dequantized_output'.
+  return {d["name"].removesuffix("_dequantized_output"):
+          _dequantized(interpreter.get_tensor(d["index"]), d)
+          for d in interpreter.get_output_details()}
 
 
 def verify_tflite(trained: model_dir.TrainedModel, model: bytes, images: np.ndarray,
                   atol: float = VERIFY_ATOL) -> float | None:
-  """Max |probability difference| of the TFLite model against JAX (None without
+  """Max |difference| of the TFLite model's outputs from JAX's (None without
   ai-edge-litert); ExportError past ``atol``."""
   try:
-    got = tflite_probabilities(model, images)
+    got = tflite_outputs(model, images)
   except ImportError:
     return None
-  return _parity(trained, {"probabilities": got}, images, "TFLite", atol)
+  return _parity(trained, got, images, "TFLite", atol)
 
 
 def int8_agreement(trained: model_dir.TrainedModel, fmt: str, model: bytes,
@@ -862,8 +870,8 @@ def int8_agreement(trained: model_dir.TrainedModel, fmt: str, model: bytes,
   """Top-1 agreement of a quantised model with JAX on uint8 ``images`` (None for a
   TFLite model without ai-edge-litert); ExportError below ``MIN_INT8_AGREEMENT``."""
   try:
-    got = (tflite_probabilities(model, images) if fmt == "tflite"
-           else run(session(model), images)["probabilities"])
+    got = (tflite_outputs(model, images) if fmt == "tflite"
+           else run(session(model), images))["probabilities"]
   except ImportError:
     return None
   want = np.asarray(trained.apply(jnp.asarray(images))[0])

@@ -279,11 +279,27 @@ def test_tflite_matches_jax_on_fer2013_faces(parity_model, public_faces, npz, on
                       f"--out={out}", f"--onnx2tf={onnx2tf}",
                       *(["--int8", f"--calibration={npz}"] if int8 else [])]) == 0
   images, want = public_faces
-  got = export.tflite_probabilities(out.read_bytes(), images)
+  got = export.tflite_outputs(out.read_bytes(), images)["probabilities"]
   if int8:
     assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.95
   else:
     np.testing.assert_allclose(got, want, rtol=0, atol=PARITY_ATOL)
+
+
+def test_tflite_va_head_matches_jax(public_faces, onnx2tf, tmp_path):
+  """A model with a V/A head: both TFLite outputs, found by name, within 1e-4 of JAX."""
+  trained = _trained_model("vgg_fer", dict(FAMILIES["vgg_fer"], num_va=2), num_va=2)
+  trained.save(tmp_path / "model")
+  out = tmp_path / "model.tflite"
+  assert export.main([f"--model={tmp_path / 'model'}", "--format=tflite", f"--out={out}",
+                      f"--onnx2tf={onnx2tf}"]) == 0
+  images = public_faces[0][:16]
+  got = export.tflite_outputs(out.read_bytes(), images)
+  logits, va = trained.apply(jnp.asarray(images))
+  assert sorted(got) == ["probabilities", "va"]
+  np.testing.assert_allclose(got["probabilities"], jax.nn.softmax(logits, -1), rtol=0,
+                             atol=PARITY_ATOL)
+  np.testing.assert_allclose(got["va"], va, rtol=0, atol=PARITY_ATOL)
 
 
 # --- every family -------------------------------------------------------------------------
