@@ -111,10 +111,11 @@ for _name, _folder, _arg in (("", "", ""), (", seed 1", "_s1", ",seed=1"),
       f"{MAIN},distill=hinton,epochs=40{_arg},teacher_checkpoint=TEACHER_NO_REGIONS_W24"
       " --config.student.model_kwargs.width=9")
 # The width-8 net (7.47 MMACs, 10.05 % of that teacher's) with the same recipe: the
-# distillation inside the 60-minute budget.
-ROWS["Hinton KD, VGG width 8, 40 epochs, from the width-24 teacher"] = (
-    "student_w8_hinton40_w24_teacher", "student",
-    f"{MAIN},distill=hinton,epochs=40,teacher_checkpoint=TEACHER_NO_REGIONS_W24")
+# distillation inside the 60-minute budget. Its teacher is seed 1's (seed 0's run directory
+# was lost with its machine).
+ROWS["Hinton KD, VGG width 8, 40 epochs, from the width-24 teacher of seed 1"] = (
+    "student_w8_hinton40_w24s1_teacher", "student",
+    f"{MAIN},distill=hinton,epochs=40,teacher_checkpoint=TEACHER_NO_REGIONS_W24_SEED1")
 # The shipped student's net and epochs trained alone: what the distillation adds there.
 ROWS["VGG width 9 alone, 40 epochs"] = (
     "student_w9_alone40", "student",
@@ -196,7 +197,8 @@ TABLES = {
         "private_test/mean_class_accuracy": "mean-class %"},
         "TEACHER and TEACHER_SEED2 are the `teacher/model` directories of the seed-0 and "
         "seed-2 teacher runs, TEACHER_NO_REGIONS that of the teacher without the region "
-        "attention, TEACHER_NO_REGIONS_W24 that of the same teacher at VGG width 24"),
+        "attention, TEACHER_NO_REGIONS_W24 and TEACHER_NO_REGIONS_W24_SEED1 those of the "
+        "same teacher at VGG width 24, seeds 0 and 1"),
     "ferplus": (FERPLUS_ROWS, {
         "test/accuracy": "Test %",
         "test/flip_accuracy": "flip-averaged %",
