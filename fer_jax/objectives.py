@@ -20,6 +20,7 @@ step receives them as an array argument, so changing a weight mid-run does
 not recompile.
 """
 import dataclasses
+import functools
 from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
@@ -86,6 +87,13 @@ class AdaptedPairs(nn.Module):
     return out
 
 
+def _mean_over_adapted_pairs(pairs, inputs, pair_loss) -> jax.Array:
+  """Mean of ``pair_loss(adapted student map, teacher map)`` over the layer pairs; called
+  from a term's compact ``__call__``, whose parameters hold the adapters (``adapt``)."""
+  adapted = AdaptedPairs(pairs, name="adapt")(inputs)
+  return sum(pair_loss(s, t) for s, t in adapted) / len(adapted)
+
+
 @TERMS.register("ce")
 class CrossEntropy(nn.Module):
   """Cross-entropy on the student's logits; ``soft=True`` uses ``soft_label``."""
@@ -129,9 +137,8 @@ class FitNet(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, train):
-    adapted = AdaptedPairs(self.pairs, name="adapt")(inputs)
-    return sum(losses.fitnet_hint(s, t, standardize=self.standardize)
-               for s, t in adapted) / len(adapted)
+    return _mean_over_adapted_pairs(self.pairs, inputs, functools.partial(
+        losses.fitnet_hint, standardize=self.standardize))
 
 
 @TERMS.register("attention_transfer")
@@ -339,9 +346,8 @@ class ASDCAttentionFeature(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, train):
-    adapted = AdaptedPairs(self.pairs, name="adapt")(inputs)
-    return sum(losses.attention_weighted_feature_loss(s, t, standardize=self.standardize)
-               for s, t in adapted) / len(adapted)
+    return _mean_over_adapted_pairs(self.pairs, inputs, functools.partial(
+        losses.attention_weighted_feature_loss, standardize=self.standardize))
 
 
 @TERMS.register("asdc_key_feature")
@@ -355,9 +361,8 @@ class ASDCKeyFeature(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, train):
-    adapted = AdaptedPairs(self.pairs, name="adapt")(inputs)
-    return sum(losses.key_feature_guidance(s, t, top_k_fraction=self.top_k_fraction)
-               for s, t in adapted) / len(adapted)
+    return _mean_over_adapted_pairs(self.pairs, inputs, functools.partial(
+        losses.key_feature_guidance, top_k_fraction=self.top_k_fraction))
 
 
 def _term_fields(cls) -> set[str]:
