@@ -676,9 +676,13 @@ def _parity(trained: model_dir.TrainedModel, got: dict[str, np.ndarray], images:
             what: str, atol: float) -> float:
   """Max |difference| of an exported model's outputs ``got`` from JAX's on ``images``."""
   logits, va = trained.apply(jnp.asarray(images))
+  expected = OUTPUT_NAMES[:2 if va.shape[-1] else 1]
+  if sorted(got) != sorted(expected):
+    raise ExportError(f"model family {trained.model!r}: the {what} model's outputs are "
+                      f"{sorted(got)}, expected {list(expected)}")
   want = np.asarray(jax.nn.softmax(logits, axis=-1))
   diff = float(np.max(np.abs(got["probabilities"] - want)))
-  if "va" in got:
+  if va.shape[-1]:
     diff = max(diff, float(np.max(np.abs(got["va"] - np.asarray(va)))))
   if not diff <= atol:
     raise ExportError(f"model family {trained.model!r}: {what} output differs from JAX by "

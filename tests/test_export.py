@@ -302,6 +302,18 @@ def test_tflite_va_head_matches_jax(public_faces, onnx2tf, tmp_path):
   np.testing.assert_allclose(got["va"], va, rtol=0, atol=PARITY_ATOL)
 
 
+def test_parity_needs_every_output(monkeypatch):
+  """A V/A model whose exported file lacks 'va' fails the parity check; it is not
+  compared on its probabilities alone."""
+  trained = _trained_model("vgg_fer", dict(FAMILIES["vgg_fer"], num_va=2), num_va=2)
+  images = np.random.default_rng(0).integers(0, 256, (2, *IMAGE_SHAPE), np.uint8)
+  probabilities = np.asarray(jax.nn.softmax(trained.apply(jnp.asarray(images))[0], -1))
+  monkeypatch.setattr(export, "tflite_outputs",
+                      lambda model, images: {"probabilities": probabilities})
+  with pytest.raises(export.ExportError, match=r"outputs are \['probabilities'\], expected"):
+    export.verify_tflite(trained, b"", images)
+
+
 # --- every family -------------------------------------------------------------------------
 
 
