@@ -34,6 +34,13 @@ FLAGS = flags.FLAGS
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAIN = "python -m fer_jax.main --config=configs/mkd.py:data=fer2013,tier=cpu"
 SMOOTHING = " --config.student.terms.ce.label_smoothing=0.1"
+
+def _seeds(*seeds):
+  """Per seed: (row-name suffix, run-directory suffix, config argument); 0 is the default."""
+  return [(f", seed {seed}", f"_s{seed}", f",seed={seed}") if seed else ("", "", "")
+          for seed in seeds]
+
+
 # row -> (run directory, phase, command)
 ROWS = {
     "AFNet teacher (VGG width 16)": ("teacher_vgg16", "teacher", f"{MAIN},teacher_only"),
@@ -63,7 +70,7 @@ for _ablation, _part in (("no_fpn", "the feature pyramid"), ("no_regions", "the 
 # The best ablation at 1.5x the width (74 MMACs; its step runs at 177 img/s on 2 AMD EPYC
 # cores, 81 minutes for 30 epochs; the run took 100 with pauses), inside the teacher's
 # 120-minute budget.
-for _name, _folder, _arg in (("", "", ""), (", seed 1", "_s1", ",seed=1")):
+for _name, _folder, _arg in _seeds(0, 1):
   ROWS[f"AFNet teacher without the region attention, VGG width 24{_name}"] = (
       f"teacher_vgg24_no_regions{_folder}", "teacher",
       f"{MAIN},teacher=no_regions,teacher_only{_arg}"
@@ -92,7 +99,7 @@ ROWS["Hinton KD, 30 epochs"] = (
     "student_hinton_e30", "student",
     f"{MAIN},distill=hinton,epochs=30,teacher_checkpoint=TEACHER_SEED2")
 # The same 30 epochs from the best teacher, the one without the region attention.
-for _name, _folder, _arg in (("", "", ""), (", seed 1", "_s1", ",seed=1")):
+for _name, _folder, _arg in _seeds(0, 1):
   ROWS[f"Hinton KD, 30 epochs, from the teacher without the region attention{_name}"] = (
       f"student_hinton30_no_regions_teacher{_folder}", "student",
       f"{MAIN},distill=hinton,epochs=30{_arg},teacher_checkpoint=TEACHER_NO_REGIONS")
@@ -104,8 +111,7 @@ ROWS["Hinton KD, VGG width 9, 40 epochs, from the teacher without the region att
     " --config.student.model_kwargs.width=9")
 # The same student and recipe from the width-24 teacher (the best on PublicTest); its
 # forward costs twice the width-16 one's, so the distillation takes longer.
-for _name, _folder, _arg in (("", "", ""), (", seed 1", "_s1", ",seed=1"),
-                              (", seed 2", "_s2", ",seed=2")):
+for _name, _folder, _arg in _seeds(0, 1, 2):
   ROWS[f"Hinton KD, VGG width 9, 40 epochs, from the width-24 teacher{_name}"] = (
       f"student_w9_hinton40_w24_teacher{_folder}", "student",
       f"{MAIN},distill=hinton,epochs=40{_arg},teacher_checkpoint=TEACHER_NO_REGIONS_W24"
@@ -113,13 +119,16 @@ for _name, _folder, _arg in (("", "", ""), (", seed 1", "_s1", ",seed=1"),
 # The width-8 net (7.47 MMACs, 10.05 % of that teacher's) with the same recipe: the
 # distillation inside the 60-minute budget. Its teacher is seed 1's (seed 0's run directory
 # was lost with its machine).
-ROWS["Hinton KD, VGG width 8, 40 epochs, from the width-24 teacher of seed 1"] = (
-    "student_w8_hinton40_w24s1_teacher", "student",
-    f"{MAIN},distill=hinton,epochs=40,teacher_checkpoint=TEACHER_NO_REGIONS_W24_SEED1")
+for _name, _folder, _arg in _seeds(0, 1, 2):
+  ROWS[f"Hinton KD, VGG width 8, 40 epochs, from the seed-1 width-24 teacher{_name}"] = (
+      f"student_w8_hinton40_w24s1_teacher{_folder}", "student",
+      f"{MAIN},distill=hinton,epochs=40{_arg},teacher_checkpoint=TEACHER_NO_REGIONS_W24_SEED1")
 # The shipped student's net and epochs trained alone: what the distillation adds there.
 ROWS["VGG width 9 alone, 40 epochs"] = (
     "student_w9_alone40", "student",
     f"{MAIN},distill=none,epochs=40{SMOOTHING} --config.student.model_kwargs.width=9")
+ROWS["VGG width 8 alone, 40 epochs"] = (
+    "student_w8_alone40", "student", f"{MAIN},distill=none,epochs=40{SMOOTHING}")
 # ASDC's distillation from the supervised teacher: the student sees no label before the probe.
 # DisCo at weight 1 (our per-sample mean) taught the student little; configs/asdc.py now
 # takes the weight of DisCo's reference code, 64. The probe's MoCo learning rate (1.0)
@@ -166,9 +175,7 @@ for _seed in (1, 2):
       f"{FERPLUS},distill=none,seed={_seed}{SMOOTHING}")
 # The same students and terms, their teacher the one trained on the vote distributions;
 # the students themselves learn the majority labels. Seed 0 is the config's default.
-for _seed in (0, 1, 2):
-  _name, _folder, _arg = ((f", seed {_seed}", f"_s{_seed}", f",seed={_seed}") if _seed
-                          else ("", "", ""))
+for _name, _folder, _arg in _seeds(0, 1, 2):
   for _distill, _row in (("hinton", "Hinton KD"), ("mkd", "MKD (standardised)")):
     FERPLUS_ROWS[f"{_row} from the vote-distribution teacher{_name}"] = (
         f"ferplus_student_{_distill}_votes_teacher{_folder}", "student",
@@ -181,7 +188,7 @@ FERPLUS_ROWS["Hinton KD from the vote-distribution teacher, weights averaged (0.
     + " --config.student.ema_decay=0.998")
 # FER2013's shipped recipe (the VGG at width 9, Hinton KD, 40 epochs) on FERPlus, from the
 # vote-distribution teacher.
-for _name, _folder, _arg in (("", "", ""), (", seed 1", "_s1", ",seed=1")):
+for _name, _folder, _arg in _seeds(0, 1):
   FERPLUS_ROWS[f"Hinton KD, VGG width 9, 40 epochs, from the vote-distribution teacher{_name}"] = (
       f"ferplus_student_w9_hinton40_votes_teacher{_folder}", "student",
       f"{FERPLUS},distill=hinton,epochs=40{_arg},teacher_checkpoint=TEACHER_VOTES"
