@@ -35,6 +35,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 MAIN = "python -m fer_jax.main --config=configs/mkd.py:data=fer2013,tier=cpu"
 SMOOTHING = " --config.student.terms.ce.label_smoothing=0.1"
 
+
 def _seeds(*seeds):
   """Per seed: (row-name suffix, run-directory suffix, config argument); 0 is the default."""
   return [(f", seed {seed}", f"_s{seed}", f",seed={seed}") if seed else ("", "", "")
