@@ -60,9 +60,9 @@ ROWS["VGG width 16 alone, 20 epochs"] = (
 ROWS["VGG width 16 alone, 20 epochs, no occluders"] = (
     "vgg16w_alone_e20_noocc", "student",
     ROWS["VGG width 16 alone, 20 epochs"][2] + " --config.augment.occlusion_prob=0")
-for _seed in (1, 2):
-  ROWS[f"AFNet teacher (VGG width 16), seed {_seed}"] = (
-      f"teacher_vgg16_s{_seed}", "teacher", f"{MAIN},teacher_only,seed={_seed}")
+for _name, _folder, _arg in _seeds(1, 2):
+  ROWS[f"AFNet teacher (VGG width 16){_name}"] = (
+      f"teacher_vgg16{_folder}", "teacher", f"{MAIN},teacher_only{_arg}")
 # The teacher's ablations (configs/mkd.py TEACHERS), seed 0 like the first teacher row.
 for _ablation, _part in (("no_fpn", "the feature pyramid"), ("no_regions", "the region attention"),
                          ("no_channel_mask", "the masked-channel branch")):
@@ -79,16 +79,16 @@ for _name, _folder, _arg in _seeds(0, 1):
 # More seeds of the students. Seed 1 of Hinton distils seed 0's teacher; seed 2 of
 # Hinton and seeds 1-2 of MKD distil seed 2's (seed 1's run directory was lost with its
 # machine before Hinton's seed 2 finished).
-for _seed, _teacher in ((1, "TEACHER"), (2, "TEACHER_SEED2")):
-  ROWS[f"student alone, seed {_seed}"] = (
-      f"student_none_s{_seed}", "student", f"{MAIN},distill=none,seed={_seed}{SMOOTHING}")
-  ROWS[f"Hinton KD, seed {_seed}"] = (
-      f"student_hinton_s{_seed}", "student",
-      f"{MAIN},distill=hinton,seed={_seed},teacher_checkpoint={_teacher}")
-for _seed in (1, 2):
-  ROWS[f"MKD (standardised), seed {_seed}"] = (
-      f"student_mkd_s{_seed}", "student",
-      f"{MAIN},distill=mkd,seed={_seed},teacher_checkpoint=TEACHER_SEED2")
+for (_name, _folder, _arg), _teacher in zip(_seeds(1, 2), ("TEACHER", "TEACHER_SEED2")):
+  ROWS[f"student alone{_name}"] = (
+      f"student_none{_folder}", "student", f"{MAIN},distill=none{_arg}{SMOOTHING}")
+  ROWS[f"Hinton KD{_name}"] = (
+      f"student_hinton{_folder}", "student",
+      f"{MAIN},distill=hinton{_arg},teacher_checkpoint={_teacher}")
+for _name, _folder, _arg in _seeds(1, 2):
+  ROWS[f"MKD (standardised){_name}"] = (
+      f"student_mkd{_folder}", "student",
+      f"{MAIN},distill=mkd{_arg},teacher_checkpoint=TEACHER_SEED2")
 # The feature-distillation baselines (15 epochs, seed 0, seed 2's teacher): AT at
 # Zagoruyko & Komodakis' beta; FitNets on channel-standardised maps (MKD's default).
 ROWS["AT"] = ("student_at", "student",
@@ -170,10 +170,9 @@ FERPLUS_ROWS = {
     "MKD (standardised)": ("ferplus_student_mkd", "student",
                            f"{FERPLUS},distill=mkd,teacher_checkpoint=TEACHER"),
 }
-for _seed in (1, 2):
-  FERPLUS_ROWS[f"student alone, seed {_seed}"] = (
-      f"ferplus_student_vgg8_s{_seed}", "student",
-      f"{FERPLUS},distill=none,seed={_seed}{SMOOTHING}")
+for _name, _folder, _arg in _seeds(1, 2):
+  FERPLUS_ROWS[f"student alone{_name}"] = (
+      f"ferplus_student_vgg8{_folder}", "student", f"{FERPLUS},distill=none{_arg}{SMOOTHING}")
 # The same students and terms, their teacher the one trained on the vote distributions;
 # the students themselves learn the majority labels. Seed 0 is the config's default.
 for _name, _folder, _arg in _seeds(0, 1, 2):
