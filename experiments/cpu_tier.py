@@ -128,8 +128,10 @@ for _name, _folder, _arg in _seeds(0, 1, 2):
 ROWS["VGG width 9 alone, 40 epochs"] = (
     "student_w9_alone40", "student",
     f"{MAIN},distill=none,epochs=40{SMOOTHING} --config.student.model_kwargs.width=9")
-ROWS["VGG width 8 alone, 40 epochs"] = (
-    "student_w8_alone40", "student", f"{MAIN},distill=none,epochs=40{SMOOTHING}")
+for _name, _folder, _arg in _seeds(0, 1, 2):
+  ROWS[f"VGG width 8 alone, 40 epochs{_name}"] = (
+      f"student_w8_alone40{_folder}", "student",
+      f"{MAIN},distill=none,epochs=40{_arg}{SMOOTHING}")
 # ASDC's distillation from the supervised teacher: the student sees no label before the probe.
 # DisCo at weight 1 (our per-sample mean) taught the student little; configs/asdc.py now
 # takes the weight of DisCo's reference code, 64. The probe's MoCo learning rate (1.0)
