@@ -154,6 +154,12 @@ ROWS["ASDC linear probe, supervised teacher without the region attention"] = (
 ROWS["ASDC linear probe, supervised width-24 teacher without the region attention"] = (
     "asdc_supervised_w24_teacher", "probe",
     ASDC_SUPERVISED.replace("TEACHER_SEED2", "TEACHER_NO_REGIONS_W24"))
+# The student distilled twice as long (20 epochs), from the width-24 teacher's seed 1
+# (seed 0's run directory was lost with its machine).
+ROWS["ASDC linear probe, supervised seed-1 width-24 teacher, student 20 epochs"] = (
+    "asdc_w24s1_teacher_student20", "probe",
+    ASDC_SUPERVISED.replace("TEACHER_SEED2", "TEACHER_NO_REGIONS_W24_SEED1")
+    + " --config.student.epochs=20")
 # ASDC as the paper has it: a self-supervised (MoCo) teacher, no label before the probe.
 # DisCo at the weight of its reference code, whose setting (a MoCo teacher) this is.
 ROWS["ASDC linear probe, self-supervised teacher"] = (
