@@ -76,6 +76,11 @@ for _name, _folder, _arg in _seeds(0, 1):
       f"teacher_vgg24_no_regions{_folder}", "teacher",
       f"{MAIN},teacher=no_regions,teacher_only{_arg}"
       " --config.teacher.model_kwargs.backbone_kwargs.width=24")
+# The occlusion lever: the same teacher trained under the synthetic occluders twice as often.
+ROWS["AFNet teacher without the region attention, VGG width 24, occluders p = 0.5"] = (
+    "teacher_vgg24_no_regions_occ50", "teacher",
+    ROWS["AFNet teacher without the region attention, VGG width 24"][2]
+    + " --config.augment.occlusion_prob=0.5")
 # More seeds of the students. Seed 1 of Hinton distils seed 0's teacher; seed 2 of
 # Hinton and seeds 1-2 of MKD distil seed 2's (seed 1's run directory was lost with its
 # machine before Hinton's seed 2 finished).
@@ -132,6 +137,10 @@ for _name, _folder, _arg in _seeds(0, 1, 2):
   ROWS[f"VGG width 8 alone, 40 epochs{_name}"] = (
       f"student_w8_alone40{_folder}", "student",
       f"{MAIN},distill=none,epochs=40{_arg}{SMOOTHING}")
+# What training under the synthetic occluders buys occluded and costs clean.
+ROWS["VGG width 8 alone, 40 epochs, no occluders"] = (
+    "student_w8_alone40_noocc", "student",
+    ROWS["VGG width 8 alone, 40 epochs"][2] + " --config.augment.occlusion_prob=0")
 # ASDC's distillation from the supervised teacher: the student sees no label before the probe.
 # DisCo at weight 1 (our per-sample mean) taught the student little; configs/asdc.py now
 # takes the weight of DisCo's reference code, 64. The probe's MoCo learning rate (1.0)
