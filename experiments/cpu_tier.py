@@ -71,21 +71,19 @@ for _ablation, _part in (("no_fpn", "the feature pyramid"), ("no_regions", "the 
 # The best ablation at 1.5x the width (74 MMACs; its step runs at 177 img/s on 2 AMD EPYC
 # cores, 81 minutes for 30 epochs; the run took 100 with pauses), inside the teacher's
 # 120-minute budget.
+W24_TEACHER = (f"{MAIN},teacher=no_regions,teacher_only{{}}"
+               " --config.teacher.model_kwargs.backbone_kwargs.width=24")
 for _name, _folder, _arg in _seeds(0, 1):
   ROWS[f"AFNet teacher without the region attention, VGG width 24{_name}"] = (
-      f"teacher_vgg24_no_regions{_folder}", "teacher",
-      f"{MAIN},teacher=no_regions,teacher_only{_arg}"
-      " --config.teacher.model_kwargs.backbone_kwargs.width=24")
+      f"teacher_vgg24_no_regions{_folder}", "teacher", W24_TEACHER.format(_arg))
 # The occlusion lever: the same teacher trained under the synthetic occluders twice as often.
 ROWS["AFNet teacher without the region attention, VGG width 24, occluders p = 0.5"] = (
     "teacher_vgg24_no_regions_occ50", "teacher",
-    ROWS["AFNet teacher without the region attention, VGG width 24"][2]
-    + " --config.augment.occlusion_prob=0.5")
-# The same teacher for 40 epochs (about 115 min at 177 img/s), inside the 120-min budget.
+    W24_TEACHER.format("") + " --config.augment.occlusion_prob=0.5")
+# The same teacher for 40 epochs: about 122 min at the 1.22 steps/s of its first 2,271
+# steps, at the edge of the 120-min teacher budget.
 ROWS["AFNet teacher without the region attention, VGG width 24, 40 epochs"] = (
-    "teacher_vgg24_no_regions_e40", "teacher",
-    f"{MAIN},teacher=no_regions,teacher_only,epochs=40"
-    " --config.teacher.model_kwargs.backbone_kwargs.width=24")
+    "teacher_vgg24_no_regions_e40", "teacher", W24_TEACHER.format(",epochs=40"))
 # More seeds of the students. Seed 1 of Hinton distils seed 0's teacher; seed 2 of
 # Hinton and seeds 1-2 of MKD distil seed 2's (seed 1's run directory was lost with its
 # machine before Hinton's seed 2 finished).
