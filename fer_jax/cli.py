@@ -1,7 +1,8 @@
 """Bad input on the command lines: one line on stderr naming it, and exit status 2.
 
 fer_jax.main, fer_jax.evaluate, fer_jax.export and the experiments' commands share
-this; fer_jax.predict reports each failed input on its own line and goes on.
+this; fer_jax.predict reports each bad input on its own line, goes on with the others
+and exits with status 2 at the end.
 """
 import sys
 from typing import NoReturn

@@ -63,8 +63,9 @@ only drawn for models that have a class named ``neutral``.
 Errors: an input that cannot be used (unreadable or corrupt file, video codec
 not available, no face found, no boxes given for it) is reported on stderr as
 one line naming the file and what was expected, and the others are still
-processed. Exit status: 0 when every input gave faces, 1 when some did not,
-2 for usage errors (a bad ``--model``, ``--boxes`` row or option).
+processed. Exit status: 2 when an input could not be used or for a usage error (a bad
+``--model``, ``--boxes`` row or option), else 1 when some usable input held no face,
+else 0.
 """
 import argparse
 import collections
@@ -87,7 +88,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from fer_jax import model_dir
+from fer_jax import cli, model_dir
 
 DEFAULT_MODEL = "fer2013-student"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
@@ -98,7 +99,7 @@ MIN_BUCKET = 8
 MAX_BUCKET = 256
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601
 PROXY_NAME = "engagement proxy (1 - P(neutral))"
-EXIT_OK, EXIT_INPUT, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_NO_FACE = 0, 1
 
 
 class InputError(Exception):
@@ -760,11 +761,16 @@ class Run:
 
   def __init__(self, args, predictor: Predictor, writer: Writer, boxes: BoxTable | None):
     self.args, self.predictor, self.writer, self.boxes = args, predictor, writer, boxes
-    self.failed = 0
+    self.bad_inputs = self.faceless = 0
 
   def fail(self, path, message: str) -> None:
-    """One line on stderr naming the input; the run goes on."""
-    self.failed += 1
+    """One line on stderr naming an input that could not be used; the run goes on."""
+    self.bad_inputs += 1
+    print(f"fer_jax.predict: {path}: {message}", file=sys.stderr, flush=True)
+
+  def no_face(self, path, message: str) -> None:
+    """One line on stderr naming a usable input without a face; the run goes on."""
+    self.faceless += 1
     print(f"fer_jax.predict: {path}: {message}", file=sys.stderr, flush=True)
 
   def boxes_for(self, path: pathlib.Path, frame: int | None) -> list | None:
@@ -818,7 +824,7 @@ def _write_image_faces(run: Run, path, given, faces: Sequence[Face]) -> None:
       run.fail(path, f"no boxes for this file in --boxes={run.args.boxes} "
                      "(expected rows with its path or file name)")
     else:
-      run.fail(path, f"no face found (expected a face of at least "
+      run.no_face(path, f"no face found (expected a face of at least "
                      f"{run.args.min_face_size:g} px; see --min_face_size, --boxes, "
                      "--no-detect)")
     return
@@ -881,7 +887,7 @@ def run_video(run: Run, path: pathlib.Path, png: pathlib.Path | None) -> None:
   if not series:
     run.fail(path, "no video frames decoded (expected a video with at least one frame)")
   elif not count:
-    run.fail(path, "no face found in any sampled frame (expected faces of at least "
+    run.no_face(path, "no face found in any sampled frame (expected faces of at least "
                    f"{run.args.min_face_size:g} px; see --min_face_size, --boxes)")
   if png is not None and series:
     _write_timeline(run, path, png, series)
@@ -920,7 +926,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     predictor, writer, boxes = setup(args)
   except UsageError as e:
     print(f"fer_jax.predict: {e}", file=sys.stderr)
-    return EXIT_USAGE
+    return cli.EXIT_BAD_INPUT
   run = Run(args, predictor, writer, boxes)
   paths = expand_paths(args.paths)
   videos = [p for p in paths if is_video(p)]
@@ -938,7 +944,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_video(run, path, png)
   finally:
     writer.close()
-  return EXIT_INPUT if run.failed else EXIT_OK
+  if run.bad_inputs:
+    return cli.EXIT_BAD_INPUT
+  return EXIT_NO_FACE if run.faceless else EXIT_OK
 
 
 if __name__ == "__main__":

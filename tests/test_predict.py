@@ -339,7 +339,7 @@ def test_bad_inputs_get_one_line_each_and_the_rest_is_processed(mtcnn_env, model
                          f"--model={model_path}"])
   captured = capsys.readouterr()
   errors = captured.err.strip().splitlines()
-  assert status == 1
+  assert status == 2
   assert len(errors) == 4, errors
   expected = {"broken.jpg": "not a readable image", "empty.png": "no face found",
               "clip.mp4": "not a readable video", "missing.png": "no such file"}
@@ -348,6 +348,10 @@ def test_bad_inputs_get_one_line_each_and_the_rest_is_processed(mtcnn_env, model
     assert what in line, line
   rows = [json.loads(line) for line in captured.out.splitlines()]
   assert len(rows) == 3 and {r["file"] for r in rows} == {str(folder / "sub" / "good.png")}
+  # Usable inputs without a face are not bad input: status 1.
+  assert predict.main([str(folder / "empty.png"), str(folder / "sub" / "good.png"),
+                       f"--model={model_path}"]) == 1
+  assert "empty.png: no face found" in capsys.readouterr().err
 
 
 def test_model_of_another_format_version_exits_2(model_path, photo, tmp_path, capsys):
