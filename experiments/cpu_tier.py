@@ -80,8 +80,8 @@ for _name, _folder, _arg in _seeds(0, 1):
 ROWS["AFNet teacher without the region attention, VGG width 24, occluders p = 0.5"] = (
     "teacher_vgg24_no_regions_occ50", "teacher",
     W24_TEACHER.format("") + " --config.augment.occlusion_prob=0.5")
-# The same teacher for 40 epochs: about 122 min at the 1.22 steps/s of its first 2,271
-# steps, at the edge of the 120-min teacher budget.
+# The same teacher for 40 epochs: 125 min over two sessions, partly on shared cores; the
+# 120-min teacher budget holds about 39 epochs of it at its 1.22 steps/s alone.
 ROWS["AFNet teacher without the region attention, VGG width 24, 40 epochs"] = (
     "teacher_vgg24_no_regions_e40", "teacher", W24_TEACHER.format(",epochs=40"))
 # More seeds of the students. Seed 1 of Hinton distils seed 0's teacher; seed 2 of
@@ -132,6 +132,10 @@ for _name, _folder, _arg in _seeds(0, 1, 2):
   ROWS[f"Hinton KD, VGG width 8, 40 epochs, from the seed-1 width-24 teacher{_name}"] = (
       f"student_w8_hinton40_w24s1_teacher{_folder}", "student",
       f"{MAIN},distill=hinton,epochs=40{_arg},teacher_checkpoint=TEACHER_NO_REGIONS_W24_SEED1")
+# The same width-8 recipe from the 40-epoch width-24 teacher (TEACHER_NO_REGIONS_W24_E40).
+ROWS["Hinton KD, VGG width 8, 40 epochs, from the 40-epoch width-24 teacher"] = (
+    "student_w8_hinton40_w24e40_teacher", "student",
+    f"{MAIN},distill=hinton,epochs=40,teacher_checkpoint=TEACHER_NO_REGIONS_W24_E40")
 # The shipped student's net and epochs trained alone: what the distillation adds there.
 ROWS["VGG width 9 alone, 40 epochs"] = (
     "student_w9_alone40", "student",
@@ -225,7 +229,8 @@ TABLES = {
         "TEACHER and TEACHER_SEED2 are the `teacher/model` directories of the seed-0 and "
         "seed-2 teacher runs, TEACHER_NO_REGIONS that of the teacher without the region "
         "attention, TEACHER_NO_REGIONS_W24 and TEACHER_NO_REGIONS_W24_SEED1 those of the "
-        "same teacher at VGG width 24, seeds 0 and 1"),
+        "same teacher at VGG width 24, seeds 0 and 1, TEACHER_NO_REGIONS_W24_E40 that of its "
+        "40-epoch run (seed 0)"),
     "ferplus": (FERPLUS_ROWS, {
         "test/accuracy": "Test %",
         "test/flip_accuracy": "flip-averaged %",
