@@ -19,3 +19,9 @@ def report(message: object) -> int:
 
 def fail(message: object) -> NoReturn:
   sys.exit(report(message))
+
+
+def fail_missing_data(error: FileNotFoundError) -> NoReturn:
+  """A dataset neither built nor downloaded: the error's first line, and where the
+  expected download layouts are described."""
+  fail(f"{str(error).splitlines()[0]} (docs/datasets.md)")

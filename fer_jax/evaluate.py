@@ -33,6 +33,7 @@ from fer_jax import cli
 from fer_jax import metrics as metrics_lib
 from fer_jax import model_dir
 from fer_jax import steps
+from fer_jax.data.base import DataError
 
 
 def _padded_batches(arrays, batch_size, *fields):
@@ -167,9 +168,10 @@ def main(argv):
     model = model_dir.load(flags.FLAGS.model)
     data_cfg = config_utils.data_config(flags.FLAGS.data)
     results = evaluate_model(model, data_cfg)
-  # FileNotFoundError: a dataset that is neither built nor downloaded.
-  except (model_dir.ModelDirError, config_utils.ConfigError, FileNotFoundError) as e:
+  except (model_dir.ModelDirError, config_utils.ConfigError, DataError) as e:
     cli.fail(e)
+  except FileNotFoundError as e:  # a dataset that is neither built nor downloaded
+    cli.fail_missing_data(e)
   text = json.dumps(results, indent=1)
   print(text)
   if flags.FLAGS.out:

@@ -3,8 +3,9 @@
 Overrides use ml_collections syntax (``--config.student.batch_size=64``) and a
 config argument follows the path (``--config=configs/mkd.py:smoke``). Without
 ``--workdir`` the run writes to ``workdirs/<config name>``. A config mistake
-(an unknown key, argument, layer or model field) prints one line naming it
-and exits with status 2.
+(an unknown key, argument, layer or model field) or bad data (a malformed or
+missing download: the file, row and field) prints one line naming it and exits
+with status 2.
 """
 import contextlib
 import pathlib
@@ -15,9 +16,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fer_jax import checkpoint, train
-from fer_jax.cli import fail
+from fer_jax.cli import fail, fail_missing_data
 from fer_jax.checkpoint import CheckpointError
 from fer_jax.config_utils import ConfigError
+from fer_jax.data.base import DataError
 from fer_jax.model_dir import ModelDirError
 from fer_jax.models import layers
 
@@ -120,10 +122,10 @@ def main(argv):
   try:
     with forms:
       train.train_and_evaluate(config, workdir)
-  except (ConfigError, ModelDirError, CheckpointError) as e:
+  except (ConfigError, ModelDirError, CheckpointError, DataError) as e:
     fail(str(e))
   except FileNotFoundError as e:  # a dataset that is neither built nor downloaded
-    fail(f"{str(e).splitlines()[0]} (docs/datasets.md)")
+    fail_missing_data(e)
 
 
 def run():

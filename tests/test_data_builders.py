@@ -7,6 +7,7 @@ from hand-worked vote examples and an independent numpy majority count.
 import csv
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -524,6 +525,24 @@ def test_bad_data_names_file_and_row_and_leaves_nothing(tmp_path, case):
   make(tmp_path)
   with pytest.raises((common.DataError, FileNotFoundError), match=message):
     load(name, tmp_path / "download", tmp_path / "tfds")
+  assert not (tmp_path / "tfds").exists()
+
+
+@pytest.mark.parametrize("case,extra_args,named", [
+    ("csv_pixel_count", (), r"fer2013\.csv, line 3: 'pixels' must hold 2304 integers"),
+    ("missing_manual_dir", (), r"download does not exist.*docs/datasets\.md"),
+    ("csv_unknown_label", ("--config=lable_mode=majority",), r"'lable_mode' is not a field"),
+])
+def test_prepare_cli_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, case,
+                                                              extra_args, named):
+  name, make, _ = BAD_DATA[case]
+  make(tmp_path)
+  with pytest.raises(SystemExit) as exited:
+    prepare.run([name, f"--manual_dir={tmp_path / 'download'}",
+                 f"--data_dir={tmp_path / 'tfds'}", *extra_args])
+  assert exited.value.code == 2
+  (line,) = capsys.readouterr().err.strip().splitlines()
+  assert line.startswith("error: ") and re.search(named, line), line
   assert not (tmp_path / "tfds").exists()
 
 

@@ -17,6 +17,7 @@ from fer_jax import train
 from fer_jax import config_utils as cu
 from fer_jax.data import streaming
 from fer_jax.config_utils import ConfigError
+import fixtures  # tests/fixtures.py, on the path as a sibling test module
 from helpers import data_of, restore_raw, tiny_config, untrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -219,6 +220,20 @@ def test_cli_config_mistakes_are_one_line_with_exit_status_2(tmp_path, args, nam
   assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "run" / "student").exists()
+
+
+def test_cli_malformed_download_is_one_line_naming_file_row_and_field(tmp_path):
+  csv_path = fixtures.write_fer2013_csv(tmp_path / "download", fixtures.fer2013_rows())
+  lines = csv_path.read_text().splitlines()
+  lines[2] = "9," + lines[2].split(",", 1)[1]
+  csv_path.write_text("\n".join(lines) + "\n")
+  proc = _run_main("--config=configs/mkd.py:data=fer2013,tier=quick",
+                   f"--config.data.manual_dir={tmp_path / 'download'}",
+                   f"--config.data.data_dir={tmp_path / 'tfds'}", f"--workdir={tmp_path / 'run'}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert "error: " + str(csv_path) + ", line 3: unknown label 9" in proc.stderr
+  assert not (tmp_path / "tfds").exists()
 
 
 def test_training_on_arrays_imports_neither_tfds_nor_grain():

@@ -21,6 +21,11 @@ import numpy as np
 
 from fer_jax.registry import Registry
 
+
+class DataError(ValueError):
+  """Malformed input data; the message names the file, the row and what was expected."""
+
+
 DATASETS = Registry("dataset")
 
 

@@ -14,8 +14,11 @@ import sys
 
 import ml_collections
 
+from fer_jax import cli
+from fer_jax.config_utils import ConfigError
 from fer_jax.data import real
 from fer_jax.data.base import DATASETS
+from fer_jax.data.base import DataError
 
 _RESERVED = ("name", "data_dir", "manual_dir")
 
@@ -25,10 +28,10 @@ def parse_overrides(cfg: ml_collections.ConfigDict, text: str) -> None:
   for item in filter(None, (part.strip() for part in text.split(","))):
     key, sep, raw = item.partition("=")
     if not sep:
-      raise ValueError(f"--config item {item!r} is not key=value")
+      raise ConfigError(f"--config item {item!r} is not key=value")
     if key in _RESERVED or key not in cfg:
       known = sorted(k for k in cfg if k not in _RESERVED)
-      raise ValueError(f"--config key {key!r} is not a field of {cfg.name}; "
+      raise ConfigError(f"--config key {key!r} is not a field of {cfg.name}; "
                        f"fields: {', '.join(known)}")
     try:
       value = ast.literal_eval(raw)
@@ -62,5 +65,16 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
   return sizes
 
 
+def run(argv: list[str]) -> None:
+  """``main`` with bad input (an override, a malformed or missing download) as one line
+  naming it and exit status 2; the build leaves nothing behind."""
+  try:
+    main(argv)
+  except (ConfigError, DataError) as e:
+    cli.fail(e)
+  except FileNotFoundError as e:
+    cli.fail_missing_data(e)
+
+
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  run(sys.argv[1:])

@@ -15,16 +15,14 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from fer_jax.data.base import DataError
+
 VERSION = tfds.core.Version("1.0.0")
 IMAGE_ENCODINGS = ("raw", "png", "jpeg")
 _JPEG_QUALITY = 95
 # Manual dirs are user downloads with arbitrary wrapping folders; searching a
 # few levels finds the files without walking a 300k-image tree.
 _MAX_SEARCH_DEPTH = 4
-
-
-class DataError(ValueError):
-  """Malformed input data; the message names the file, the row and what was expected."""
 
 
 def location(path: pathlib.Path | str, line: int | None = None) -> str:
