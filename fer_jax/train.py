@@ -54,11 +54,28 @@ def _fits_in_memory(split, limit_mb: float) -> bool:
   return len(split) * sum(v.nbytes for v in example.values()) <= limit_mb * 2**20
 
 
+def _open_dataset(data_cfg):
+  """The dataset ``data_cfg`` names; a dataset or split it lacks is a ConfigError naming
+  the config field."""
+  if data_cfg.name not in DATASETS:
+    raise config_utils.ConfigError(f"config.data.name: unknown dataset {data_cfg.name!r}; "
+                                   f"known: {', '.join(DATASETS.names())}")
+  dataset = DATASETS.get(data_cfg.name)(data_cfg)
+  for field in ("train_split", "eval_split", "test_split", "extra_test_splits"):
+    named = data_cfg[field] if field == "extra_test_splits" else (data_cfg[field],)
+    missing = sorted(set(named) - set(dataset.splits))
+    if missing:
+      raise config_utils.ConfigError(
+          f"config.data.{field}: dataset {dataset.name!r} has no split {missing[0]!r}; "
+          f"splits: {', '.join(dataset.splits)}")
+  return dataset
+
+
 def load_data(data_cfg):
   """The dataset and every split the config uses as numeric numpy arrays, except a
   training split over ``data_cfg.max_resident_mb``: that one stays a random-access
   split, and streams (``fer_jax.data.streaming``)."""
-  dataset = DATASETS.get(data_cfg.name)(data_cfg)
+  dataset = _open_dataset(data_cfg)
   # Only numeric fields go to the accelerator (names and paths stay behind).
   arrays = {}
   for name in {data_cfg.train_split, data_cfg.eval_split, data_cfg.test_split,

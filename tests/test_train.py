@@ -210,6 +210,9 @@ def _run_main(*args, timeout=600):
       "--config.student.terms.mkd.pairs=(('stage9','stage2'),)"), "stage9"),
     (("--config=configs/teacher_bounded.py:seed=x",), "seed"),
     (("--config=configs/nothere.py",), "configs/nothere.py"),
+    (("--config=configs/mkd.py:smoke", "--config.data.name=nosuch"), "config.data.name"),
+    (("--config=configs/mkd.py:smoke", "--config.data.test_split=nosuch"),
+     "config.data.test_split"),
     (("--config=configs/teacher_bounded.py:data=affectnet",
       "--config.data.data_dir=/nonexistent"), "manual_dir"),
 ])
