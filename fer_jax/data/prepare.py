@@ -17,8 +17,7 @@ import ml_collections
 from fer_jax import cli
 from fer_jax.config_utils import ConfigError
 from fer_jax.data import real
-from fer_jax.data.base import DATASETS
-from fer_jax.data.base import DataError
+from fer_jax.data.base import DATASETS, DataError
 
 _RESERVED = ("name", "data_dir", "manual_dir")
 
