@@ -61,9 +61,9 @@ between faces and settings, and it must not be used to judge individuals. It is
 only drawn for models that have a class named ``neutral``.
 
 Errors: an input that cannot be used (unreadable or corrupt file, video codec
-not available, no face found, no boxes given for it) is reported on stderr as
-one line naming the file and what was expected, and the others are still
-processed. Exit status: 2 when an input could not be used or for a usage error (a bad
+not available, no boxes given for it) or that holds no face is reported on
+stderr as one line naming the file and what was expected, and the others are
+still processed. Exit status: 2 when an input could not be used or for a usage error (a bad
 ``--model``, ``--boxes`` row or option), else 1 when some usable input held no face,
 else 0.
 """
@@ -763,14 +763,13 @@ class Run:
     self.args, self.predictor, self.writer, self.boxes = args, predictor, writer, boxes
     self.bad_inputs = self.faceless = 0
 
-  def fail(self, path, message: str) -> None:
-    """One line on stderr naming an input that could not be used; the run goes on."""
-    self.bad_inputs += 1
-    print(f"fer_jax.predict: {path}: {message}", file=sys.stderr, flush=True)
-
-  def no_face(self, path, message: str) -> None:
-    """One line on stderr naming a usable input without a face; the run goes on."""
-    self.faceless += 1
+  def fail(self, path, message: str, no_face: bool = False) -> None:
+    """One line on stderr naming an input that could not be used (or, ``no_face``, a
+    usable one without a face); the run goes on."""
+    if no_face:
+      self.faceless += 1
+    else:
+      self.bad_inputs += 1
     print(f"fer_jax.predict: {path}: {message}", file=sys.stderr, flush=True)
 
   def boxes_for(self, path: pathlib.Path, frame: int | None) -> list | None:
@@ -824,9 +823,9 @@ def _write_image_faces(run: Run, path, given, faces: Sequence[Face]) -> None:
       run.fail(path, f"no boxes for this file in --boxes={run.args.boxes} "
                      "(expected rows with its path or file name)")
     else:
-      run.no_face(path, f"no face found (expected a face of at least "
+      run.fail(path, f"no face found (expected a face of at least "
                      f"{run.args.min_face_size:g} px; see --min_face_size, --boxes, "
-                     "--no-detect)")
+                     "--no-detect)", no_face=True)
     return
   for face in faces:
     run.writer.write(record(str(path), face))
@@ -887,8 +886,8 @@ def run_video(run: Run, path: pathlib.Path, png: pathlib.Path | None) -> None:
   if not series:
     run.fail(path, "no video frames decoded (expected a video with at least one frame)")
   elif not count:
-    run.no_face(path, "no face found in any sampled frame (expected faces of at least "
-                   f"{run.args.min_face_size:g} px; see --min_face_size, --boxes)")
+    run.fail(path, "no face found in any sampled frame (expected faces of at least "
+                   f"{run.args.min_face_size:g} px; see --min_face_size, --boxes)", no_face=True)
   if png is not None and series:
     _write_timeline(run, path, png, series)
 

@@ -52,6 +52,19 @@ def write_fer2013_csv(folder: pathlib.Path, rows: Fer2013Rows) -> pathlib.Path:
   return path
 
 
+def write_fer2013_csv_with(folder: pathlib.Path, line: int, column: str, value: str
+                           ) -> pathlib.Path:
+  """``write_fer2013_csv`` of the default rows with one field of one line (1: header)
+  replaced: a malformed download."""
+  path = write_fer2013_csv(folder, fer2013_rows())
+  lines = path.read_text().splitlines()
+  fields = lines[line - 1].split(",")
+  fields[("emotion", "pixels", "Usage").index(column)] = value
+  lines[line - 1] = ",".join(fields)
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
 def kaggle_paths(rows: Fer2013Rows) -> list[str]:
   """The Kaggle image-folder path of every row (numbered by row, as a stand-in id)."""
   paths = []

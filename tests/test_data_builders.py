@@ -429,12 +429,7 @@ def test_image_folder_split_folders_and_stale_classes(tmp_path):
 # ---------------------------------------------------------------- bad data
 
 def _fer_csv_with(tmp_path, line: int, column: str, value: str):
-  path = fixtures.write_fer2013_csv(tmp_path / "download", fixtures.fer2013_rows())
-  lines = path.read_text().splitlines()
-  fields = lines[line - 1].split(",")
-  fields[("emotion", "pixels", "Usage").index(column)] = value
-  lines[line - 1] = ",".join(fields)
-  path.write_text("\n".join(lines) + "\n")
+  fixtures.write_fer2013_csv_with(tmp_path / "download", line, column, value)
 
 
 def _kaggle_with(tmp_path, content):

@@ -226,10 +226,7 @@ def test_cli_config_mistakes_are_one_line_with_exit_status_2(tmp_path, args, nam
 
 
 def test_cli_malformed_download_is_one_line_naming_file_row_and_field(tmp_path):
-  csv_path = fixtures.write_fer2013_csv(tmp_path / "download", fixtures.fer2013_rows())
-  lines = csv_path.read_text().splitlines()
-  lines[2] = "9," + lines[2].split(",", 1)[1]
-  csv_path.write_text("\n".join(lines) + "\n")
+  csv_path = fixtures.write_fer2013_csv_with(tmp_path / "download", 3, "emotion", "9")
   proc = _run_main("--config=configs/mkd.py:data=fer2013,tier=quick",
                    f"--config.data.manual_dir={tmp_path / 'download'}",
                    f"--config.data.data_dir={tmp_path / 'tfds'}", f"--workdir={tmp_path / 'run'}")
