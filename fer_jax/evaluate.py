@@ -20,9 +20,11 @@ Command line, a model directory (or a pretrained name) on a data preset:
   python -m fer_jax.evaluate --model=fer2013-student --data=fer2013
 prints the results as JSON (``--out`` also writes them).
 """
+import contextlib
 import json
 import math
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -164,10 +166,13 @@ def main(argv):
   # The output is the JSON on stdout; INFO lines (JAX's backend probing) would bury
   # an error line on stderr.
   logging.set_verbosity(logging.WARNING)
+  # stdout carries the JSON alone: building a dataset on first use prints TFDS's notes
+  # and progress bars, which go to stderr instead.
   try:
-    model = model_dir.load(flags.FLAGS.model)
-    data_cfg = config_utils.data_config(flags.FLAGS.data)
-    results = evaluate_model(model, data_cfg)
+    with contextlib.redirect_stdout(sys.stderr):
+      model = model_dir.load(flags.FLAGS.model)
+      data_cfg = config_utils.data_config(flags.FLAGS.data)
+      results = evaluate_model(model, data_cfg)
   except (model_dir.ModelDirError, config_utils.ConfigError, DataError) as e:
     cli.fail(e)
   except FileNotFoundError as e:  # a dataset that is neither built nor downloaded
