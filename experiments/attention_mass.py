@@ -17,8 +17,9 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from fer_jax import cli
 from fer_jax import config_utils
 from fer_jax import model_dir
 from fer_jax import train
@@ -79,4 +80,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["model"])
-  app.run(main)
+  cli.run(main)

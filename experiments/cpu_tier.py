@@ -24,8 +24,9 @@ import json
 import pathlib
 import statistics
 
-from absl import app, flags
+from absl import flags
 
+from fer_jax import cli
 from fer_jax import config_utils
 from fer_jax import evaluate
 from fer_jax import model_dir
@@ -376,4 +377,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

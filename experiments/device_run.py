@@ -191,4 +191,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  cli.run(main)

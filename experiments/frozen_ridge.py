@@ -13,7 +13,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from fer_jax import cli
 from fer_jax import config_utils
@@ -78,4 +78,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("model", None, "A model directory or pretrained name, or 'pixels'.")
   flags.DEFINE_string("data", "fer2013", "A data preset (fer_jax.config_utils.data_config).")
   flags.mark_flags_as_required(["model"])
-  app.run(main)
+  cli.run(main)

@@ -13,7 +13,7 @@ selection and test splits and each class's test recall (a markdown table):
 """
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from fer_jax import cli
 from fer_jax import config_utils
@@ -70,4 +70,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("model", "fer2013-student", "A model directory or a pretrained name.")
   flags.DEFINE_string("data", "fer2013", "A data preset (fer_jax.config_utils.data_config).")
   flags.DEFINE_list("taus", ["0", "0.25", "0.5", "0.75", "1"], "The grid of tau.")
-  app.run(main)
+  cli.run(main)

@@ -19,11 +19,11 @@ import pathlib
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments import hardware
 from experiments import rows as rows_lib
-from fer_jax import checkpoint, train
+from fer_jax import checkpoint, cli, train
 from fer_jax.tools import count as count_lib
 
 _SUITE = flags.DEFINE_enum("suite", "fer2013", ["fer2013", "ferplus", "synthetic"],
@@ -121,4 +121,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

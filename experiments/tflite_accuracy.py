@@ -15,7 +15,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from fer_jax import cli
 from fer_jax import export
@@ -63,4 +63,4 @@ def main(argv):
 if __name__ == "__main__":
   flags.DEFINE_string("model", "fer2013-student", "The exported model's directory or name.")
   flags.DEFINE_string("npz", str(export.DEFAULT_CALIBRATION), "The FER2013 npz.")
-  app.run(main)
+  cli.run(main)

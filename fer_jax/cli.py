@@ -1,11 +1,14 @@
 """Bad input on the command lines: one line on stderr naming it, and exit status 2.
 
 fer_jax.main, fer_jax.evaluate, fer_jax.export and the experiments' commands share
-this; fer_jax.predict reports each bad input on its own line, goes on with the others
-and exits with status 2 at the end.
+this, and the absl ones start through ``run``, so a mistyped flag or a stray argument
+is such a line too; fer_jax.predict reports each bad input on its own line, goes on
+with the others and exits with status 2 at the end.
 """
 import sys
 from typing import NoReturn
+
+from absl import app, flags
 
 EXIT_BAD_INPUT = 2
 
@@ -25,3 +28,24 @@ def fail_missing_data(error: FileNotFoundError) -> NoReturn:
   """A dataset neither built nor downloaded: the error's first line, and where the
   expected download layouts are described."""
   fail(f"{str(error).splitlines()[0]} (docs/datasets.md)")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a flag mistake as one line and exit status 2 (absl: 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(e)
+
+
+def run(main, flags_parser=parse_flags) -> None:
+  """``app.run`` whose flag mistakes and usage errors are one line with exit status 2
+  (absl prints its usage text and exits with 1): every absl command line here."""
+
+  def main_reporting_usage_errors(argv):
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      fail(e)
+
+  app.run(main_reporting_usage_errors, flags_parser=flags_parser)

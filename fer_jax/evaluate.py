@@ -29,7 +29,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from fer_jax import cli
 from fer_jax import metrics as metrics_lib
@@ -161,7 +161,8 @@ def evaluate_model(model: model_dir.TrainedModel, data_cfg, batch_size: int = 51
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   from fer_jax import config_utils  # pylint: disable=g-import-not-at-top
   # The output is the JSON on stdout; INFO lines (JAX's backend probing) would bury
   # an error line on stderr.
@@ -189,4 +190,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("data", "fer2013", "A data preset (fer_jax.config_utils.data_config).")
   flags.DEFINE_string("out", "", "Also write the results (JSON) to this file.")
   flags.mark_flags_as_required(["model"])
-  app.run(main)
+  cli.run(main)

@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fer_jax import checkpoint, train
+from fer_jax import checkpoint, cli, train
 from fer_jax.cli import fail, fail_missing_data
 from fer_jax.checkpoint import CheckpointError
 from fer_jax.config_utils import ConfigError
@@ -60,6 +60,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     hint = re.search(r"Did you mean \W*(\w+)", message)
     fail(f"{given[0] if given else '--config'}: no such config field {field!r}" +
          (f"; did you mean {hint.group(1)!r}?" if hint else ""))
+  except flags.UnrecognizedFlagError as e:  # not about --config: named as absl names it
+    fail(e)
   except (flags.Error, ConfigError, TypeError, ValueError) as e:
     fail(_first_error(e))
   return []
@@ -129,7 +131,7 @@ def main(argv):
 
 
 def run():
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
 """The command lines' bad-input convention: the first line of the message, exit status 2."""
+import pathlib
+import subprocess
+import sys
+
 import pytest
 
 from fer_jax import cli
@@ -19,3 +23,21 @@ def test_fail_exits_with_status_2(capsys):
     cli.fail("--config.x: no such config field 'x'")
   assert exited.value.code == 2
   assert capsys.readouterr().err.splitlines() == ["error: --config.x: no such config field 'x'"]
+
+
+@pytest.mark.parametrize("command, named", [
+    (["fer_jax.main", "--config=configs/mkd.py", "--workdri=/tmp/x"], "flag 'workdri'"),
+    (["fer_jax.main", "--config=configs/mkd.py", "extra"], "unexpected arguments: extra"),
+    (["fer_jax.evaluate", "--model=fer2013-student", "extra"], "unexpected arguments: extra"),
+    (["fer_jax.evaluate", "--modle=x"], "flag 'modle'"),
+    (["fer_jax.tools.count"], "--model"),
+    (["fer_jax.convert.emonet_torch", "--nope"], "flag 'nope'"),
+    (["experiments.run", "--suite=nope"], "--suite=nope"),
+])
+def test_absl_command_line_mistakes_are_one_line_with_exit_status_2(command, named):
+  # absl alone prints its usage text and exits with status 1.
+  done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True,
+                        check=False, cwd=pathlib.Path(__file__).parents[1])
+  assert done.returncode == 2, done.stderr[-2000:]
+  lines = [line for line in done.stderr.splitlines() if not line.startswith(("I1", "W1"))]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], done.stderr

@@ -43,7 +43,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import hardware  # noqa: E402
-from fer_jax import objectives, steps, train  # noqa: E402
+from fer_jax import cli, objectives, steps, train  # noqa: E402
 from fer_jax import phase as phase_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -200,4 +200,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -34,6 +34,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from fer_jax import cli
 from fer_jax import config_utils
 from fer_jax import metrics as metrics_lib
 from fer_jax import train
@@ -193,4 +194,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("batch_size", 512, "Evaluation batch size.")
   flags.DEFINE_string("out", str(HERE / "results.json"), "Results file (merged).")
   flags.DEFINE_bool("write_layout", False, f"Only write {LAYOUT_PATH.name}.")
-  app.run(main)
+  cli.run(main)

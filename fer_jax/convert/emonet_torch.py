@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fer_jax import cli
 from fer_jax import model_dir
 from fer_jax.data import classes
 from fer_jax.models import emonet
@@ -237,4 +238,4 @@ if __name__ == "__main__":
                       required=True)
   flags.DEFINE_integer("n_expression", None,
                        "Expression classes; read off the checkpoint if unset.")
-  app.run(main)
+  cli.run(main)

@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fer_jax import cli
 from fer_jax.checkpoint import Checkpoints
 from fer_jax.models import mini_xception
 
@@ -401,4 +402,4 @@ if __name__ == "__main__":
                       required=True)
   flags.DEFINE_string("out", None, "Orbax checkpoint directory to create.",
                       required=True)
-  app.run(main)
+  cli.run(main)

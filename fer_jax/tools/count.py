@@ -50,6 +50,7 @@ from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
+from fer_jax import cli
 from fer_jax import models
 from fer_jax.models import layers
 
@@ -194,4 +195,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("input", None, "Input size as HxWxC, e.g. 224x224x3.",
                       required=True)
   flags.DEFINE_integer("num_classes", 1000, "Classifier width.")
-  app.run(main)
+  cli.run(main)
