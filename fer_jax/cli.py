@@ -27,7 +27,7 @@ def fail(message: object) -> NoReturn:
 def fail_missing_data(error: FileNotFoundError) -> NoReturn:
   """A dataset neither built nor downloaded: the error's first line, and where the
   expected download layouts are described."""
-  fail(f"{str(error).splitlines()[0]} (docs/datasets.md)")
+  fail(f"{str(error).splitlines()[0]}; the expected layouts: docs/datasets.md")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

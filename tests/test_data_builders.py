@@ -525,7 +525,8 @@ def test_bad_data_names_file_and_row_and_leaves_nothing(tmp_path, case):
 
 @pytest.mark.parametrize("case,extra_args,named", [
     ("csv_pixel_count", (), r"fer2013\.csv, line 3: 'pixels' must hold 2304 integers"),
-    ("missing_manual_dir", (), r"download does not exist.*docs/datasets\.md"),
+    ("missing_manual_dir", (),
+     r"download does not exist; the expected layouts: docs/datasets\.md$"),
     ("csv_unknown_label", ("--config=lable_mode=majority",), r"'lable_mode' is not a field"),
 ])
 def test_prepare_cli_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, case,

@@ -32,13 +32,13 @@ def location(path: pathlib.Path | str, line: int | None = None) -> str:
 def check_manual_dir(manual_dir, instructions: str) -> pathlib.Path:
   """Returns ``manual_dir`` as a path; raises if it is unset, missing or empty."""
   if not manual_dir:
-    raise FileNotFoundError(f"no manual_dir given; expected:\n{instructions}")
+    raise FileNotFoundError(f"no manual_dir given\nexpected:\n{instructions}")
   path = pathlib.Path(manual_dir).expanduser()
   if not path.is_dir():
     raise FileNotFoundError(
-        f"manual_dir {path} does not exist; expected:\n{instructions}")
+        f"manual_dir {path} does not exist\nexpected:\n{instructions}")
   if not any(path.iterdir()):
-    raise FileNotFoundError(f"manual_dir {path} is empty; expected:\n{instructions}")
+    raise FileNotFoundError(f"manual_dir {path} is empty\nexpected:\n{instructions}")
   return path
 
 
