@@ -157,7 +157,7 @@ def load_tfds(name: str, builder_cls, config_name: str | None,
     if not manual_dir:
       raise FileNotFoundError(
           f"dataset {name!r} is not built at {path} and config field "
-          f"manual_dir is empty; set it to the download:\n"
+          f"manual_dir is empty: set it to the download\nexpected:\n"
           f"{builder_cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     config = make_config() if make_config else None
     if config is not None:
