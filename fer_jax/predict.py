@@ -14,7 +14,8 @@ Command line::
       [--timeline=PNG] [--annotate=DIR] [--min_face_size=PX] [--max_side=PX]
 
 PATH is an image, a video (by extension: see ``VIDEO_EXTENSIONS``) or a folder
-(searched recursively, files in sorted order, other extensions skipped). The
+(searched recursively, files in sorted order, other extensions skipped; a folder
+with neither is an input that cannot be used). The
 output has one row per face: ``file``, ``frame`` and ``time_s`` (videos; null
 for images), ``box`` ``[x0, y0, x1, y1]`` in input pixels, ``score`` (the
 detector's face probability; 1.0 for given boxes and ``--no-detect``),
@@ -395,15 +396,15 @@ def is_video(path: pathlib.Path) -> bool:
 
 
 def expand_paths(paths: Iterable[str]) -> list[pathlib.Path]:
-  """Files as given; folders recursively, sorted, images and videos only."""
+  """Files as given; folders recursively, sorted, images and videos only. A folder
+  with neither stays in the list, for the caller to report."""
   out = []
   for text in paths:
     path = pathlib.Path(text)
-    if path.is_dir():
-      out.extend(sorted(p for p in path.rglob("*") if p.is_file()
-                        and p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))
-    else:
-      out.append(path)
+    media = sorted(p for p in path.rglob("*") if p.is_file()
+                   and p.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+                   ) if path.is_dir() else []
+    out.extend(media or [path])
   return out
 
 
@@ -934,7 +935,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       group = list(group)
       for path in [p for p in group if not p.exists()]:
         run.fail(path, "no such file or folder")
-      group = [p for p in group if p.exists()]
+      for path in [p for p in group if p.is_dir()]:
+        run.fail(path, "no image or video in this folder (searched for "
+                 f"{' '.join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))})")
+      group = [p for p in group if p.is_file()]
       if not video_group:
         run_images(run, group)
         continue

@@ -335,14 +335,17 @@ def test_bad_inputs_get_one_line_each_and_the_rest_is_processed(mtcnn_env, model
   (folder / "notes.txt").write_text("skipped: not an image extension")
   Image.fromarray(scenes.background((120, 160))).save(folder / "empty.png")
   (tmp_path / "clip.mp4").write_bytes(b"\x00" * 1000)
+  (tmp_path / "texts").mkdir()
+  (tmp_path / "texts" / "notes.txt").write_text("a folder of no image or video")
   status = predict.main([str(folder), str(tmp_path / "clip.mp4"), str(tmp_path / "missing.png"),
-                         f"--model={model_path}"])
+                         str(tmp_path / "texts"), f"--model={model_path}"])
   captured = capsys.readouterr()
   errors = captured.err.strip().splitlines()
   assert status == 2
-  assert len(errors) == 4, errors
+  assert len(errors) == 5, errors
   expected = {"broken.jpg": "not a readable image", "empty.png": "no face found",
-              "clip.mp4": "not a readable video", "missing.png": "no such file"}
+              "clip.mp4": "not a readable video", "missing.png": "no such file",
+              "texts": "no image or video in this folder"}
   for name, what in expected.items():
     (line,) = [e for e in errors if name in e]
     assert what in line, line
