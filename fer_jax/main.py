@@ -16,7 +16,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fer_jax import checkpoint, cli, train
-from fer_jax.cli import fail, fail_missing_data
 from fer_jax.checkpoint import CheckpointError
 from fer_jax.config_utils import ConfigError
 from fer_jax.data.base import DataError
@@ -58,12 +57,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     given = [a.split("=")[0] for a in argv if a.startswith("--config.") and
              field in a.split("=")[0].split(".")]
     hint = re.search(r"Did you mean \W*(\w+)", message)
-    fail(f"{given[0] if given else '--config'}: no such config field {field!r}" +
+    cli.fail(f"{given[0] if given else '--config'}: no such config field {field!r}" +
          (f"; did you mean {hint.group(1)!r}?" if hint else ""))
   except flags.UnrecognizedFlagError as e:  # not about --config: named as absl names it
-    fail(e)
+    cli.fail(e)
   except (flags.Error, ConfigError, TypeError, ValueError) as e:
-    fail(_first_error(e))
+    cli.fail(_first_error(e))
   return []
 
 
@@ -115,7 +114,7 @@ def main(argv):
     workdir = _WORKDIR.value or default
   except OSError as e:  # config_flags defers a config file it could not read to here
     del e
-    fail(f"--config: cannot load {config_flags.get_config_filename(flags.FLAGS['config'])}: "
+    cli.fail(f"--config: cannot load {config_flags.get_config_filename(flags.FLAGS['config'])}: "
          "no such file, or it cannot be imported")
   if jax.process_index() == 0:
     print(f"fer_jax: writing to {workdir}", flush=True)
@@ -125,9 +124,9 @@ def main(argv):
     with forms:
       train.train_and_evaluate(config, workdir)
   except (ConfigError, ModelDirError, CheckpointError, DataError) as e:
-    fail(str(e))
+    cli.fail(str(e))
   except FileNotFoundError as e:  # a dataset that is neither built nor downloaded
-    fail_missing_data(e)
+    cli.fail_missing_data(e)
 
 
 def run():
