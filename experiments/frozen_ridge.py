@@ -57,12 +57,10 @@ def ridge_accuracies(train_x, train_y, evaluated: dict, num_classes: int) -> dic
 
 def main(argv):
   del argv
-  try:
+  with cli.bad_input_exits(model_dir.ModelDirError):
     data_cfg = config_utils.data_config(FLAGS.data)
     model = None if FLAGS.model == "pixels" else model_dir.load(FLAGS.model)
     dataset, arrays = train.load_data(data_cfg)
-  except (FileNotFoundError, model_dir.ModelDirError, config_utils.ConfigError) as e:
-    cli.fail(e)
   names = (data_cfg.train_split, data_cfg.eval_split, data_cfg.test_split)
   embeddings = embed(model, {name: arrays[name] for name in names}, train.make_mesh())
   features = {name: (embeddings[name], arrays[name]["label"]) for name in names}

@@ -37,13 +37,10 @@ def adjusted_metrics(logits: np.ndarray, labels: np.ndarray, log_prior: np.ndarr
 
 def main(argv):
   del argv
-  try:
+  with cli.bad_input_exits(model_dir.ModelDirError):
     model = model_dir.load(FLAGS.model)
     data_cfg = config_utils.data_config(FLAGS.data)
     _, arrays = train.load_data(data_cfg)
-  # FileNotFoundError: a dataset that is neither built nor downloaded.
-  except (model_dir.ModelDirError, config_utils.ConfigError, FileNotFoundError) as e:
-    cli.fail(e)
   counts = np.bincount(np.asarray(arrays[data_cfg.train_split]["label"]),
                        minlength=len(model.class_names))
   log_prior = np.log(counts / counts.sum())

@@ -5,10 +5,14 @@ this, and the absl ones start through ``run``, so a mistyped flag or a stray arg
 is such a line too; fer_jax.predict reports each bad input on its own line, goes on
 with the others and exits with status 2 at the end.
 """
+import contextlib
 import sys
 from typing import NoReturn
 
 from absl import app, flags
+
+from fer_jax.config_utils import ConfigError
+from fer_jax.data.base import DataError
 
 EXIT_BAD_INPUT = 2
 
@@ -28,6 +32,18 @@ def fail_missing_data(error: FileNotFoundError) -> NoReturn:
   """A dataset neither built nor downloaded: the error's first line, and where the
   expected download layouts are described."""
   fail(f"{str(error).splitlines()[0]}; the expected layouts: docs/datasets.md")
+
+
+@contextlib.contextmanager
+def bad_input_exits(*errors: type[Exception]):
+  """Inside it, a config mistake, malformed data, one of the caller's ``errors`` or a
+  dataset neither built nor downloaded (FileNotFoundError) is one line and exit status 2."""
+  try:
+    yield
+  except (ConfigError, DataError, *errors) as e:
+    fail(e)
+  except FileNotFoundError as e:
+    fail_missing_data(e)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

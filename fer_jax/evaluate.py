@@ -35,7 +35,6 @@ from fer_jax import cli
 from fer_jax import metrics as metrics_lib
 from fer_jax import model_dir
 from fer_jax import steps
-from fer_jax.data.base import DataError
 
 
 def _padded_batches(arrays, batch_size, *fields):
@@ -169,15 +168,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   # stdout carries the JSON alone: building a dataset on first use prints TFDS's notes
   # and progress bars, which go to stderr instead.
-  try:
-    with contextlib.redirect_stdout(sys.stderr):
-      model = model_dir.load(flags.FLAGS.model)
-      data_cfg = config_utils.data_config(flags.FLAGS.data)
-      results = evaluate_model(model, data_cfg)
-  except (model_dir.ModelDirError, config_utils.ConfigError, DataError) as e:
-    cli.fail(e)
-  except FileNotFoundError as e:  # a dataset that is neither built nor downloaded
-    cli.fail_missing_data(e)
+  with cli.bad_input_exits(model_dir.ModelDirError), contextlib.redirect_stdout(sys.stderr):
+    model = model_dir.load(flags.FLAGS.model)
+    data_cfg = config_utils.data_config(flags.FLAGS.data)
+    results = evaluate_model(model, data_cfg)
   text = json.dumps(results, indent=1)
   print(text)
   if flags.FLAGS.out:

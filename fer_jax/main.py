@@ -18,7 +18,6 @@ from ml_collections import config_flags
 from fer_jax import checkpoint, cli, train
 from fer_jax.checkpoint import CheckpointError
 from fer_jax.config_utils import ConfigError
-from fer_jax.data.base import DataError
 from fer_jax.model_dir import ModelDirError
 from fer_jax.models import layers
 
@@ -58,7 +57,7 @@ def parse_flags(argv: list[str]) -> list[str]:
              field in a.split("=")[0].split(".")]
     hint = re.search(r"Did you mean \W*(\w+)", message)
     cli.fail(f"{given[0] if given else '--config'}: no such config field {field!r}" +
-         (f"; did you mean {hint.group(1)!r}?" if hint else ""))
+             (f"; did you mean {hint.group(1)!r}?" if hint else ""))
   except flags.UnrecognizedFlagError as e:  # not about --config: named as absl names it
     cli.fail(e)
   except (flags.Error, ConfigError, TypeError, ValueError) as e:
@@ -115,18 +114,13 @@ def main(argv):
   except OSError as e:  # config_flags defers a config file it could not read to here
     del e
     cli.fail(f"--config: cannot load {config_flags.get_config_filename(flags.FLAGS['config'])}: "
-         "no such file, or it cannot be imported")
+             "no such file, or it cannot be imported")
   if jax.process_index() == 0:
     print(f"fer_jax: writing to {workdir}", flush=True)
   forms = (contextlib.nullcontext() if _LAYER_FORMS.value == "auto"
            else layers.force_layer_forms(_LAYER_FORMS.value))
-  try:
-    with forms:
-      train.train_and_evaluate(config, workdir)
-  except (ConfigError, ModelDirError, CheckpointError, DataError) as e:
-    cli.fail(str(e))
-  except FileNotFoundError as e:  # a dataset that is neither built nor downloaded
-    cli.fail_missing_data(e)
+  with cli.bad_input_exits(ModelDirError, CheckpointError), forms:
+    train.train_and_evaluate(config, workdir)
 
 
 def run():

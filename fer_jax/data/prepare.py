@@ -17,7 +17,7 @@ import ml_collections
 from fer_jax import cli
 from fer_jax.config_utils import ConfigError
 from fer_jax.data import real
-from fer_jax.data.base import DATASETS, DataError
+from fer_jax.data.base import DATASETS
 
 _RESERVED = ("name", "data_dir", "manual_dir")
 
@@ -67,12 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
 def run(argv: list[str]) -> None:
   """``main`` with bad input (an override, a malformed or missing download) as one line
   naming it and exit status 2; the build leaves nothing behind."""
-  try:
+  with cli.bad_input_exits():
     main(argv)
-  except (ConfigError, DataError) as e:
-    cli.fail(e)
-  except FileNotFoundError as e:
-    cli.fail_missing_data(e)
 
 
 if __name__ == "__main__":
