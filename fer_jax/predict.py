@@ -3,7 +3,7 @@ r"""Facial expressions of the faces in photos and videos, offline.
 Library::
 
   import fer_jax
-  predictor = fer_jax.load("fer2013-student")   # or a model directory
+  predictor = fer_jax.load()   # fer2013-student-w16; or a pretrained name or model directory
   faces = predictor.predict(["a.jpg", rgb_array])  # one list of Face per image
   faces[0][0].label, faces[0][0].probabilities, faces[0][0].box
 
@@ -91,7 +91,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from fer_jax import cli, model_dir
 
-DEFAULT_MODEL = "fer2013-student"
+DEFAULT_MODEL = "fer2013-student-w16"
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                               ".ppm", ".pgm"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg",
@@ -200,7 +200,8 @@ def load(name_or_dir: str | os.PathLike = DEFAULT_MODEL, *, min_face_size: float
   """A ``Predictor`` for a pretrained model name or a model directory.
 
   Args:
-    name_or_dir: a name under ``fer_jax/pretrained`` or a model directory.
+    name_or_dir: a name under ``fer_jax/pretrained`` or a model directory;
+      by default the most accurate shipped student.
     min_face_size: smallest face the default detector looks for, in pixels.
     max_side: the default detector shrinks larger frames to this side first.
     detector: a ``fer_jax.detect.MTCNN`` (or anything with ``detect_batch``)

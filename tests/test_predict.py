@@ -10,6 +10,7 @@ reports (detected or given), following the preprocessing documented in the
 module: square about the box's centre, edge padding, ITU-R 601 luma, bilinear
 resize to 48x48.
 """
+import argparse
 import csv
 import dataclasses
 import json
@@ -300,6 +301,17 @@ def test_cli_video_rows_and_timeline(mtcnn_env, model_path, model, video, tmp_pa
   rows = read_jsonl(out_given)
   assert [(r["frame"], tuple(r["box"]), r["score"]) for r in rows] == [
       (frame, tuple(boxes[frame][0]), 1.0) for frame in (0, 4)]
+
+
+def test_video_benchmark_times_the_cli_video_path(mtcnn_env, model_path, video):
+  """experiments/benchmarks/predict_video.py drives predict's own video path; it broke
+  once unnoticed when ``Run`` changed, so its timing function runs here on the test video."""
+  sys.path.insert(0, str(REPO / "experiments" / "benchmarks"))
+  import predict_video  # pylint: disable=import-outside-toplevel
+  options = argparse.Namespace(frames=VIDEO_FRAMES, min_face_size=40, max_side=640, batch=8)
+  timed = predict_video.time_cli(video[0], str(model_path), 3, options)
+  assert timed["face_rows"] == 2 * VIDEO_FRAMES and timed["bad_inputs"] == 0
+  assert timed["fps"] == pytest.approx(VIDEO_FRAMES / timed["seconds"], rel=0.02)
 
 
 def test_cli_boxes_and_no_detect(model_path, model, photo, tmp_path, capsys):
