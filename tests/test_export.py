@@ -229,6 +229,18 @@ def test_parity_on_fer2013_faces(parity_model, public_faces, batch):
   np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(set(model_dir.pretrained_names()) - {STUDENT}))
+def test_parity_of_the_other_shipped_students(name, npz, tmp_path):
+  """The other shipped students, fer_jax.predict's default among them, export to the
+  probabilities fer_jax computes, on the same 64 PublicTest faces."""
+  out = tmp_path / "model.onnx"
+  assert export.main([f"--model={name}", f"--out={out}"]) == 0
+  images = _faces(npz, usage=1, count=64)
+  want = jax.nn.softmax(export.load_model(name).apply(jnp.asarray(images))[0], axis=-1)
+  got = export.run(export.session(out, threads=2), images)["probabilities"]
+  np.testing.assert_allclose(got, np.asarray(want), rtol=0, atol=PARITY_ATOL)
+
+
 def test_float_input_graph_matches_uint8(parity_model, public_faces):
   """--input_dtype=float32 takes the same pixels as floats: no Cast, the same outputs."""
   trained, path = parity_model

@@ -4,6 +4,7 @@ import pytest
 
 import fer_jax
 from fer_jax import model_dir
+from fer_jax import predict
 
 # fer_jax/pretrained/README.md, measured by the training runs on the same faces.
 CARD = {"fer2013-student": (9, {"public_test": 0.6442, "private_test": 0.6570}),
@@ -12,6 +13,11 @@ CARD = {"fer2013-student": (9, {"public_test": 0.6442, "private_test": 0.6570}),
 
 def test_the_shipped_models_are_the_cards():
   assert model_dir.pretrained_names() == sorted(CARD)
+
+
+def test_predict_uses_the_shipped_model_best_on_public_test():
+  """The selection rule: PublicTest picks, PrivateTest only reports."""
+  assert predict.DEFAULT_MODEL == max(CARD, key=lambda name: CARD[name][1]["public_test"])
 
 
 @pytest.mark.parametrize("name", sorted(CARD))
