@@ -27,7 +27,6 @@ import pathlib
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
@@ -76,19 +75,6 @@ def occluded_split(arrays: dict, kind: str, seed: int, mesh, batch_size: int) ->
   return dict(arrays, image=np.concatenate(images))
 
 
-def flip_averaged(forward):
-  """``forward`` averaged over each face and its mirror image (probabilities, returned
-  as log-probabilities, so argmax and softmax read them as logits)."""
-
-  def averaged(variables, images):
-    logits, va = forward(variables, images)
-    mirrored_logits, mirrored_va = forward(variables, images[:, :, ::-1])
-    probs = (jax.nn.softmax(logits) + jax.nn.softmax(mirrored_logits)) / 2
-    return jnp.log(probs), (va + mirrored_va) / 2
-
-  return averaged
-
-
 def split_metrics(arrays: dict, logits: np.ndarray, va: np.ndarray) -> dict:
   result = metrics_lib.classification(arrays["label"], logits)
   if va.shape[-1] and "valence" in arrays:
@@ -105,7 +91,7 @@ class Evaluator:
     self.arrays, self.data_cfg, self.mesh = arrays, data_cfg, mesh
     self.batch_size = batch_size
     self.predict = steps.make_predict(template.forward, mesh)
-    self.predict_flipped = steps.make_predict(flip_averaged(template.forward), mesh)
+    self.predict_flipped = steps.make_predict(model_dir.flip_averaged(template.forward), mesh)
 
   def split(self, name: str) -> dict:
     """A loaded split, or ``<test split>_occluded_<kind>`` made (and kept) on first use."""

@@ -100,6 +100,20 @@ class TrainedModel:
     return target
 
 
+def flip_averaged(forward):
+  """``forward`` (a ``TrainedModel.forward``) averaged over each face and its mirror
+  image: probabilities, returned as log-probabilities, so that argmax and softmax read
+  them as logits; V/A averaged too. Faces are ``[B, H, W, C]``."""
+
+  def averaged(variables, images):
+    logits, va = forward(variables, images)
+    mirrored_logits, mirrored_va = forward(variables, images[:, :, ::-1])
+    probs = (jax.nn.softmax(logits) + jax.nn.softmax(mirrored_logits)) / 2
+    return jnp.log(probs), (va + mirrored_va) / 2
+
+  return averaged
+
+
 def _jsonable(value):
   if isinstance(value, dict):
     return {k: _jsonable(v) for k, v in value.items()}

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from fer_jax import evaluate
+from fer_jax import model_dir
 import fixtures  # tests/fixtures.py, on the path as a sibling test module
 
 
@@ -27,7 +27,7 @@ def faces_and_weights():
 
 def test_flip_averaging_is_the_mean_of_both_views_probabilities(faces_and_weights):
   images, variables = faces_and_weights
-  log_probs, va = jax.jit(evaluate.flip_averaged(_linear_forward))(variables, images)
+  log_probs, va = jax.jit(model_dir.flip_averaged(_linear_forward))(variables, images)
   softmax = lambda z: np.exp(z - z.max(-1, keepdims=True)) / np.exp(
       z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
   mirrored = images[:, :, ::-1]
@@ -42,7 +42,7 @@ def test_flip_averaging_is_the_mean_of_both_views_probabilities(faces_and_weight
 
 def test_flip_averaged_predictions_do_not_change_when_the_face_is_mirrored(faces_and_weights):
   images, variables = faces_and_weights
-  averaged = jax.jit(evaluate.flip_averaged(_linear_forward))
+  averaged = jax.jit(model_dir.flip_averaged(_linear_forward))
   np.testing.assert_allclose(averaged(variables, images)[0],
                              averaged(variables, images[:, :, ::-1])[0], rtol=1e-5, atol=1e-6)
 

@@ -337,6 +337,21 @@ def test_cli_boxes_and_no_detect(model_path, model, photo, tmp_path, capsys):
   np.testing.assert_allclose([row["probabilities"][c] for c in FER7], want, atol=2e-6)
 
 
+def test_flip_averages_each_face_with_its_mirror_image(model_path, model, tmp_path, capsys):
+  _, classify = model
+  face48 = scenes.public_test_faces([5])[0]
+  views = np.asarray(classify(np.stack([face48, face48[:, ::-1]])[..., None]))
+  assert np.abs(views[0] - views[1]).max() > 1e-3  # the model is not mirror symmetric
+  for name, crop in (("crop.png", face48), ("mirrored.png", face48[:, ::-1])):
+    Image.fromarray(crop).save(tmp_path / name)
+  assert predict.main([str(tmp_path / "crop.png"), str(tmp_path / "mirrored.png"),
+                       f"--model={model_path}", "--no-detect", "--flip"]) == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  for row in rows:
+    np.testing.assert_allclose([row["probabilities"][c] for c in FER7], views.mean(0),
+                               atol=2e-6)
+
+
 def test_bad_inputs_get_one_line_each_and_the_rest_is_processed(mtcnn_env, model_path, photo,
                                                                 tmp_path, capsys):
   path, _, _ = photo
