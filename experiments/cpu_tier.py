@@ -74,7 +74,7 @@ for _ablation, _part in (("no_fpn", "the feature pyramid"), ("no_regions", "the 
 # 120-minute budget.
 W24_TEACHER = (f"{MAIN},teacher=no_regions,teacher_only{{}}"
                " --config.teacher.model_kwargs.backbone_kwargs.width=24")
-for _name, _folder, _arg in _seeds(0, 1):
+for _name, _folder, _arg in _seeds(0, 1, 2):
   ROWS[f"AFNet teacher without the region attention, VGG width 24{_name}"] = (
       f"teacher_vgg24_no_regions{_folder}", "teacher", W24_TEACHER.format(_arg))
 # The occlusion lever: the same teacher trained under the synthetic occluders twice as often.
