@@ -303,15 +303,14 @@ def test_cli_video_rows_and_timeline(mtcnn_env, model_path, model, video, tmp_pa
       (frame, tuple(boxes[frame][0]), 1.0) for frame in (0, 4)]
 
 
-def test_video_benchmark_times_the_cli_video_path(mtcnn_env, model_path, video):
+def test_video_benchmark_times_the_cli_video_path(mtcnn_env, model_path, video, monkeypatch):
   """experiments/benchmarks/predict_video.py drives predict's own video path; it broke
   once unnoticed when ``Run`` changed, so its timing function runs here on the test video."""
-  sys.path.insert(0, str(REPO / "experiments" / "benchmarks"))
+  monkeypatch.syspath_prepend(str(REPO / "experiments" / "benchmarks"))
   import predict_video  # pylint: disable=import-outside-toplevel
   options = argparse.Namespace(frames=VIDEO_FRAMES, min_face_size=40, max_side=640, batch=8)
   timed = predict_video.time_cli(video[0], str(model_path), 3, options)
   assert timed["face_rows"] == 2 * VIDEO_FRAMES and timed["bad_inputs"] == 0
-  assert timed["fps"] == pytest.approx(VIDEO_FRAMES / timed["seconds"], rel=0.02)
 
 
 def test_cli_boxes_and_no_detect(model_path, model, photo, tmp_path, capsys):
@@ -347,6 +346,7 @@ def test_flip_averages_each_face_with_its_mirror_image(model_path, model, tmp_pa
   assert predict.main([str(tmp_path / "crop.png"), str(tmp_path / "mirrored.png"),
                        f"--model={model_path}", "--no-detect", "--flip"]) == 0
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert len(rows) == 2
   for row in rows:
     np.testing.assert_allclose([row["probabilities"][c] for c in FER7], views.mean(0),
                                atol=2e-6)
