@@ -743,8 +743,16 @@ class _Calibration:
     self._next = 0
 
 
-def quantize_int8(fp32_proto, calibration_images: np.ndarray, per_channel: bool = True):
-  """Static post-training int8 quantisation (QDQ) of an exported fp32 model."""
+def quantize_int8(fp32_proto, calibration_images: np.ndarray, weight_bits: int = 7,
+                  per_channel: bool = True):
+  """Static post-training int8 quantisation (QDQ) of an exported fp32 model.
+
+  ``weight_bits=7`` (onnxruntime's ``reduce_range``) keeps the weights in [-64, 63]. On
+  x86 CPUs without VNNI (AVX2 only) onnxruntime multiplies int8 pairs with
+  VPMADDUBSW, whose 16-bit sums saturate on full-range weights: there the shipped
+  width-9 student's 8-bit export scored 59.32 % PrivateTest against 65.20 % at 7 bits
+  (fp32 65.70 %). 8 bits are for targets with VNNI or ARM's dot products.
+  """
   require_extra()
   import onnx  # pylint: disable=import-outside-toplevel
   from onnxruntime import quantization  # pylint: disable=import-outside-toplevel
@@ -765,7 +773,8 @@ def quantize_int8(fp32_proto, calibration_images: np.ndarray, per_channel: bool 
     try:
       quantization.quantize_static(
           str(prepared), str(target), reader, quant_format=quantization.QuantFormat.QDQ,
-          per_channel=per_channel, activation_type=quantization.QuantType.QInt8,
+          per_channel=per_channel, reduce_range=weight_bits == 7,
+          activation_type=quantization.QuantType.QInt8,
           weight_type=quantization.QuantType.QInt8, nodes_to_exclude=softmax,
           calibrate_method=quantization.CalibrationMethod.MinMax,
           extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
@@ -775,7 +784,7 @@ def quantize_int8(fp32_proto, calibration_images: np.ndarray, per_channel: bool 
   del proto.metadata_props[:]
   proto.metadata_props.extend(fp32_proto.metadata_props)
   entry = proto.metadata_props.add()
-  entry.key, entry.value = "quantization", "int8 static QDQ, per-channel weights"
+  entry.key, entry.value = "quantization", f"int8 static QDQ, per-channel {weight_bits}-bit weights"
   return proto
 
 
@@ -893,7 +902,8 @@ def int8_agreement(trained: model_dir.TrainedModel, fmt: str, model: bytes,
 def export(model: str, out: str | pathlib.Path, fmt: str = "onnx", int8: bool = False,
            calibration: str | pathlib.Path = DEFAULT_CALIBRATION,
            calibration_count: int = 300, verify_parity: bool = True,
-           input_dtype: str = "uint8", onnx2tf: str = "onnx2tf") -> dict:
+           input_dtype: str = "uint8", onnx2tf: str = "onnx2tf",
+           int8_weight_bits: int = 7) -> dict:
   """Writes the exported model to ``out``; returns a summary."""
   if fmt not in FORMATS:
     raise ExportError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -925,10 +935,12 @@ def export(model: str, out: str | pathlib.Path, fmt: str = "onnx", int8: bool = 
       summary["tflite_max_abs_diff_vs_jax"] = verify_tflite(trained, data, check)
   else:
     if int8:
-      proto = quantize_int8(proto, calibration_images.astype(input_dtype))
+      proto = quantize_int8(proto, calibration_images.astype(input_dtype), int8_weight_bits)
     data = proto.SerializeToString()
   if int8:
     summary["calibration_images"] = len(calibration_images)
+    if fmt == "onnx":
+      summary["int8_weight_bits"] = int8_weight_bits
     summary["int8_top1_agreement_on_calibration"] = int8_agreement(
         trained, fmt, data, calibration_images)
   out = pathlib.Path(out)
@@ -950,6 +962,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION),
                       help="FER2013 npz (keys pixels, usage) for --int8 calibration")
   parser.add_argument("--calibration_count", type=int, default=300)
+  parser.add_argument("--int8_weight_bits", type=int, default=7, choices=(7, 8),
+                      help="--format=onnx --int8: 7 runs right on every x86 CPU; 8 only "
+                      "where onnxruntime has VNNI or ARM dot products (without, its int8 "
+                      "sums saturate)")
   parser.add_argument("--onnx2tf", default="onnx2tf",
                       help="--format=tflite: the onnx2tf executable of a Python 3.12 venv")
   parser.add_argument("--input_dtype", default="uint8", choices=INPUT_DTYPES,
@@ -965,7 +981,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     summary = export(args.model, args.out, args.format, args.int8, args.calibration,
                      args.calibration_count, verify_parity=not args.no_verify,
-                     input_dtype=args.input_dtype, onnx2tf=args.onnx2tf)
+                     input_dtype=args.input_dtype, onnx2tf=args.onnx2tf,
+                     int8_weight_bits=args.int8_weight_bits)
   except ExportError as e:
     return cli.report(e)
   print(json.dumps(summary))

@@ -371,6 +371,7 @@ def test_int8_runs_is_quantised_and_agrees_with_fp32(int8_model, npz):
                   and len(i.dims) == 4]
   convs = [n for n in onnx.load(fp32).graph.node if n.op_type == "Conv"]
   assert len(int8_weights) >= len(convs)  # every conv kernel (and more) is int8
+  assert max(_int8_peak(w) for w in int8_weights) <= 64  # 7 bits, the default
   assert int8.stat().st_size < 0.4 * fp32.stat().st_size
   images = _faces(npz, usage=1, count=256)
   for batch in (1, 64):
@@ -382,6 +383,21 @@ def test_int8_runs_is_quantised_and_agrees_with_fp32(int8_model, npz):
   assert np.mean(top1[0] == top1[1]) >= 0.9
   meta = {p.key: p.value for p in proto.metadata_props}
   assert json.loads(meta["class_names"]) == list(FER2013_NAMES) and "quantization" in meta
+
+
+def _int8_peak(initializer) -> int:
+  return int(np.abs(onnx.numpy_helper.to_array(initializer).astype(int)).max())
+
+
+def test_int8_weight_bits_8_uses_the_full_range(parity_model, npz):
+  """Without reduce_range each per-channel symmetric kernel spans [-127, 127]. (Not run
+  through the export: on CPUs without VNNI its saturating sums fail the agreement gate.)"""
+  trained, _ = parity_model
+  proto = export.quantize_int8(export.to_onnx(trained), _faces(npz, usage=0, count=64), 8)
+  kernels = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8
+             and len(i.dims) == 4]
+  assert kernels and min(_int8_peak(k) for k in kernels) == 127
+  assert "8-bit" in {p.key: p.value for p in proto.metadata_props}["quantization"]
 
 
 def test_int8_needs_the_calibration_npz(parity_model, capsys, tmp_path):
@@ -399,7 +415,7 @@ def test_int8_that_disagrees_with_jax_is_not_written(parity_model, npz, monkeypa
   fp32 graph of other weights) is refused, not written."""
   trained, fp32 = parity_model
   other = dataclasses.replace(trained, variables=_perturbed(trained.variables, seed=7))
-  monkeypatch.setattr(export, "quantize_int8", lambda proto, images: export.to_onnx(other))
+  monkeypatch.setattr(export, "quantize_int8", lambda proto, images, bits: export.to_onnx(other))
   out = tmp_path / "x.onnx"
   assert export.main([f"--model={fp32.with_name('model')}", f"--out={out}", "--int8",
                       f"--calibration={npz}", "--calibration_count=64"]) == 2
