@@ -225,6 +225,12 @@ for _name, _folder, _arg in _seeds(0, 1):
       f"ferplus_student_w9_hinton40_votes_teacher{_folder}", "student",
       f"{FERPLUS},distill=hinton,epochs=40{_arg},teacher_checkpoint=TEACHER_VOTES"
       " --config.student.model_kwargs.width=9")
+# FER2013's best teacher (no region attention, VGG width 24) on the vote distributions;
+# it ships as `ferplus-teacher` (fer_jax/pretrained/README.md).
+FERPLUS_ROWS["AFNet teacher without the region attention, VGG width 24, on the vote distributions"] = (
+    "ferplus_votes_teacher_vgg24_no_regions", "teacher",
+    f"{FERPLUS},votes,teacher=no_regions,teacher_only"
+    " --config.teacher.model_kwargs.backbone_kwargs.width=24")
 # dataset -> (rows, {results key: column header}, what the commands' placeholders name);
 # the first column is the reported one.
 TABLES = {
