@@ -230,9 +230,9 @@ def test_parity_on_fer2013_faces(parity_model, public_faces, batch):
 
 
 @pytest.mark.parametrize("name", sorted(set(model_dir.pretrained_names()) - {STUDENT}))
-def test_parity_of_the_other_shipped_students(name, npz, tmp_path):
-  """The other shipped students, fer_jax.predict's default among them, export to the
-  probabilities fer_jax computes, on the same 64 PublicTest faces."""
+def test_parity_of_the_other_shipped_models(name, npz, tmp_path):
+  """The other shipped models (fer_jax.predict's default and the FER+ teacher among them)
+  export to the probabilities fer_jax computes, on the same 64 PublicTest faces."""
   out = tmp_path / "model.onnx"
   assert export.main([f"--model={name}", f"--out={out}"]) == 0
   images = _faces(npz, usage=1, count=64)
