@@ -747,7 +747,7 @@ def quantize_int8(fp32_proto, calibration_images: np.ndarray, weight_bits: int =
                   per_channel: bool = True):
   """Static post-training int8 quantisation (QDQ) of an exported fp32 model.
 
-  ``weight_bits=7`` (onnxruntime's ``reduce_range``) keeps the weights in [-64, 63]. On
+  ``weight_bits=7`` (onnxruntime's ``reduce_range``) keeps the weights within ±64. On
   x86 CPUs without VNNI (AVX2 only) onnxruntime multiplies int8 pairs with
   VPMADDUBSW, whose 16-bit sums saturate on full-range weights: there the shipped
   width-9 student's 8-bit export scored 59.32 % PrivateTest against 65.20 % at 7 bits
@@ -784,7 +784,8 @@ def quantize_int8(fp32_proto, calibration_images: np.ndarray, weight_bits: int =
   del proto.metadata_props[:]
   proto.metadata_props.extend(fp32_proto.metadata_props)
   entry = proto.metadata_props.add()
-  entry.key, entry.value = "quantization", f"int8 static QDQ, per-channel {weight_bits}-bit weights"
+  entry.key = "quantization"
+  entry.value = f"int8 static QDQ, per-channel {weight_bits}-bit weights"
   return proto
 
 
