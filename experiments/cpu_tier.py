@@ -233,9 +233,10 @@ FERPLUS_ROWS["AFNet teacher without the region attention, VGG width 24, on the v
     " --config.teacher.model_kwargs.backbone_kwargs.width=24")
 # The 15-epoch Hinton student (seed 0) from it, against the same rows from the width-16
 # vote teacher: what a teacher 1.7 points better gives the student.
-FERPLUS_ROWS["Hinton KD from `ferplus-teacher`"] = (
-    "ferplus_student_hinton_shipped_teacher", "student",
-    f"{FERPLUS},distill=hinton,teacher_checkpoint=ferplus-teacher")
+for _name, _folder, _arg in _seeds(0, 1):
+  FERPLUS_ROWS[f"Hinton KD from `ferplus-teacher`{_name}"] = (
+      f"ferplus_student_hinton_shipped_teacher{_folder}", "student",
+      f"{FERPLUS},distill=hinton{_arg},teacher_checkpoint=ferplus-teacher")
 # dataset -> (rows, {results key: column header}, what the commands' placeholders name);
 # the first column is the reported one.
 TABLES = {
