@@ -231,7 +231,7 @@ FERPLUS_ROWS["AFNet teacher without the region attention, VGG width 24, on the v
     "ferplus_votes_teacher_vgg24_no_regions", "teacher",
     f"{FERPLUS},votes,teacher=no_regions,teacher_only"
     " --config.teacher.model_kwargs.backbone_kwargs.width=24")
-# The 15-epoch Hinton student (seed 0) from it, against the same rows from the width-16
+# The 15-epoch Hinton student (seeds 0-1) from it, against the same rows from the width-16
 # vote teacher: what a teacher 1.7 points better gives the student.
 for _name, _folder, _arg in _seeds(0, 1):
   FERPLUS_ROWS[f"Hinton KD from `ferplus-teacher`{_name}"] = (

@@ -112,6 +112,8 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "va")
 FORMATS = ("onnx", "tflite")
 INPUT_DTYPES = ("uint8", "float32")
+# onnxruntime's weights: 7 bits (reduce_range) run right on every x86 CPU.
+INT8_WEIGHT_BITS = (7, 8)
 _ONNX_INPUT_DTYPES = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}
 # Parity tolerance of the export's own check (probabilities, fp32).
 VERIFY_ATOL = 1e-4
@@ -910,6 +912,12 @@ def export(model: str, out: str | pathlib.Path, fmt: str = "onnx", int8: bool = 
     raise ExportError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
   if input_dtype not in INPUT_DTYPES:
     raise ExportError(f"--input_dtype={input_dtype!r}: expected one of {INPUT_DTYPES}")
+  if int8_weight_bits not in INT8_WEIGHT_BITS:
+    raise ExportError(f"--int8_weight_bits={int8_weight_bits}: expected one of "
+                      f"{INT8_WEIGHT_BITS}")
+  if int8_weight_bits != 7 and (fmt != "onnx" or not int8):
+    raise ExportError("--int8_weight_bits is for --format=onnx --int8; onnx2tf chooses the "
+                      "TFLite model's own int8 weights")
   if fmt == "tflite" and input_dtype != "uint8":
     raise ExportError("--input_dtype is for --format=onnx: the TFLite model takes uint8 "
                       "(fp32) or float32 pixels (--int8)")
@@ -963,7 +971,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION),
                       help="FER2013 npz (keys pixels, usage) for --int8 calibration")
   parser.add_argument("--calibration_count", type=int, default=300)
-  parser.add_argument("--int8_weight_bits", type=int, default=7, choices=(7, 8),
+  parser.add_argument("--int8_weight_bits", type=int, default=7, choices=INT8_WEIGHT_BITS,
                       help="--format=onnx --int8: 7 runs right on every x86 CPU; 8 only "
                       "where onnxruntime has VNNI or ARM dot products (without, its int8 "
                       "sums saturate)")

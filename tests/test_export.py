@@ -400,6 +400,17 @@ def test_int8_weight_bits_8_uses_the_full_range(parity_model, npz):
   assert "8-bit" in {p.key: p.value for p in proto.metadata_props}["quantization"]
 
 
+@pytest.mark.parametrize("flags", [["--int8_weight_bits=8"],
+                                   ["--int8", "--int8_weight_bits=8", "--format=tflite"]])
+def test_int8_weight_bits_outside_onnx_int8_is_one_line_exit_2(parity_model, capsys, tmp_path,
+                                                               flags):
+  _, fp32 = parity_model
+  out = tmp_path / "x.onnx"
+  assert export.main([f"--model={fp32.with_name('model')}", f"--out={out}", *flags]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "--int8_weight_bits" in err and not out.exists()
+
+
 def test_int8_needs_the_calibration_npz(parity_model, capsys, tmp_path):
   _, fp32 = parity_model
   missing = tmp_path / "none.npz"

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
+import fixtures  # tests/fixtures.py, on the path as a sibling test module
 import fer_jax
 from fer_jax import model_dir
 from fer_jax import predict
-from fer_jax.data import classes
 from fer_jax.data.tfds_builders import fer2013
 from fer_jax.data.tfds_builders import ferplus
 
@@ -19,8 +19,10 @@ CARD = {
     "ferplus-teacher": ("ferplus", "afnet", ("num_regions", 0),
                         {"validation": 0.8628, "test": 0.8576}),
 }
-CLASS_NAMES = {"fer2013": ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"),
-               "ferplus": classes.FERPLUS8}
+# FER+'s order is that of fer2013new.csv's vote columns.
+CLASS_NAMES = {"fer2013": fixtures.FER7,
+               "ferplus": ("neutral", "happiness", "surprise", "sadness", "anger", "disgust",
+                           "fear", "contempt")}
 SCORED = [(name, split) for name, card in sorted(CARD.items()) for split in card[3]]
 
 
