@@ -237,6 +237,13 @@ for _name, _folder, _arg in _seeds(0, 1):
   FERPLUS_ROWS[f"Hinton KD from `ferplus-teacher`{_name}"] = (
       f"ferplus_student_hinton_shipped_teacher{_folder}", "student",
       f"{FERPLUS},distill=hinton{_arg},teacher_checkpoint=ferplus-teacher")
+# FER2013's shipped student recipe (width 9, 40 epochs) from `ferplus-teacher`, with Hinton
+# KD and with MKD; the Hinton one ships as `ferplus-student`.
+for _distill, _row in (("hinton", "Hinton KD"), ("mkd", "MKD (standardised)")):
+  FERPLUS_ROWS[f"{_row}, VGG width 9, 40 epochs, from `ferplus-teacher`"] = (
+      f"ferplus_student_w9_{_distill}40_shipped_teacher", "student",
+      f"{FERPLUS},distill={_distill},epochs=40,teacher_checkpoint=ferplus-teacher"
+      " --config.student.model_kwargs.width=9")
 # dataset -> (rows, {results key: column header}, what the commands' placeholders name);
 # the first column is the reported one.
 TABLES = {
