@@ -114,6 +114,7 @@ FORMATS = ("onnx", "tflite")
 INPUT_DTYPES = ("uint8", "float32")
 # onnxruntime's weights: 7 bits (reduce_range) run right on every x86 CPU.
 INT8_WEIGHT_BITS = (7, 8)
+DEFAULT_INT8_WEIGHT_BITS = 7
 _ONNX_INPUT_DTYPES = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}
 # Parity tolerance of the export's own check (probabilities, fp32).
 VERIFY_ATOL = 1e-4
@@ -745,7 +746,8 @@ class _Calibration:
     self._next = 0
 
 
-def quantize_int8(fp32_proto, calibration_images: np.ndarray, weight_bits: int = 7,
+def quantize_int8(fp32_proto, calibration_images: np.ndarray,
+                  weight_bits: int = DEFAULT_INT8_WEIGHT_BITS,
                   per_channel: bool = True):
   """Static post-training int8 quantisation (QDQ) of an exported fp32 model.
 
@@ -906,7 +908,7 @@ def export(model: str, out: str | pathlib.Path, fmt: str = "onnx", int8: bool = 
            calibration: str | pathlib.Path = DEFAULT_CALIBRATION,
            calibration_count: int = 300, verify_parity: bool = True,
            input_dtype: str = "uint8", onnx2tf: str = "onnx2tf",
-           int8_weight_bits: int = 7) -> dict:
+           int8_weight_bits: int = DEFAULT_INT8_WEIGHT_BITS) -> dict:
   """Writes the exported model to ``out``; returns a summary."""
   if fmt not in FORMATS:
     raise ExportError(f"--format={fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -915,7 +917,7 @@ def export(model: str, out: str | pathlib.Path, fmt: str = "onnx", int8: bool = 
   if int8_weight_bits not in INT8_WEIGHT_BITS:
     raise ExportError(f"--int8_weight_bits={int8_weight_bits}: expected one of "
                       f"{INT8_WEIGHT_BITS}")
-  if int8_weight_bits != 7 and (fmt != "onnx" or not int8):
+  if int8_weight_bits != DEFAULT_INT8_WEIGHT_BITS and (fmt != "onnx" or not int8):
     raise ExportError("--int8_weight_bits is for --format=onnx --int8; onnx2tf chooses the "
                       "TFLite model's own int8 weights")
   if fmt == "tflite" and input_dtype != "uint8":
@@ -971,7 +973,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--calibration", default=str(DEFAULT_CALIBRATION),
                       help="FER2013 npz (keys pixels, usage) for --int8 calibration")
   parser.add_argument("--calibration_count", type=int, default=300)
-  parser.add_argument("--int8_weight_bits", type=int, default=7, choices=INT8_WEIGHT_BITS,
+  parser.add_argument("--int8_weight_bits", type=int, default=DEFAULT_INT8_WEIGHT_BITS,
+                      choices=INT8_WEIGHT_BITS,
                       help="--format=onnx --int8: 7 runs right on every x86 CPU; 8 only "
                       "where onnxruntime has VNNI or ARM dot products (without, its int8 "
                       "sums saturate)")
