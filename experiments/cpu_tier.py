@@ -158,7 +158,7 @@ ROWS["VGG width 8 alone, 40 epochs, no occluders"] = (
     ROWS["VGG width 8 alone, 40 epochs"][2] + " --config.augment.occlusion_prob=0")
 # The PyTorch anchor's own net (VGG widths 32-256, 117 MMACs) alone and without occluders,
 # for the epochs the anchor's 16.5 and 34 minutes buy at the measured 1.08 s a step (2 AMD
-# EPYC cores); with evaluation and slower steps the 4-epoch run took 19.1.
+# EPYC cores); with evaluation and slower steps (1.25-1.3 s) the runs took 19.1 and 38.6.
 for _epochs in (4, 8):
   ROWS[f"the anchor's net (VGG width 32) alone, {_epochs} epochs, no occluders"] = (
       f"anchor_net_w32_alone_e{_epochs}_noocc", "student",
