@@ -83,8 +83,10 @@ ROWS["AFNet teacher without the region attention, VGG width 24, occluders p = 0.
     W24_TEACHER.format("") + " --config.augment.occlusion_prob=0.5")
 # The same teacher for 40 epochs: 125 min over two sessions, partly on shared cores; the
 # 120-min teacher budget holds about 39 epochs of it at its 1.22 steps/s alone.
-ROWS["AFNet teacher without the region attention, VGG width 24, 40 epochs"] = (
-    "teacher_vgg24_no_regions_e40", "teacher", W24_TEACHER.format(",epochs=40"))
+# Its rerun ships as `fer2013-teacher` (the first run's directory was lost with its machine).
+for _name, _folder in (("", ""), (", rerun (ships as `fer2013-teacher`)", "_rerun")):
+  ROWS[f"AFNet teacher without the region attention, VGG width 24, 40 epochs{_name}"] = (
+      f"teacher_vgg24_no_regions_e40{_folder}", "teacher", W24_TEACHER.format(",epochs=40"))
 # More seeds of the students. Seed 1 of Hinton distils seed 0's teacher; seed 2 of
 # Hinton and seeds 1-2 of MKD distil seed 2's (seed 1's run directory was lost with its
 # machine before Hinton's seed 2 finished).

@@ -16,6 +16,8 @@ CARD = {
                         {"public_test": 0.6442, "private_test": 0.6570}),
     "fer2013-student-w16": ("fer2013", "vgg_fer", ("width", 16),
                             {"public_test": 0.6640, "private_test": 0.6810}),
+    "fer2013-teacher": ("fer2013", "afnet", ("num_regions", 0),
+                        {"public_test": 0.6737, "private_test": 0.6815}),
     "ferplus-teacher": ("ferplus", "afnet", ("num_regions", 0),
                         {"validation": 0.8628, "test": 0.8576}),
     "ferplus-student": ("ferplus", "vgg_fer", ("width", 9),
