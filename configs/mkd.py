@@ -43,7 +43,8 @@ FER2013 (built from ../shared/data or your download on first use):
   24 (``--config.teacher.model_kwargs.backbone_kwargs.width=24``, 68.10 %), 65.70 %
   (64.42 % PublicTest, 65.84 % flip-averaged) in 67.0 min (seeds 1-2: 64.73 and
   64.36 %; 64.93 ± 0.69 % over three). The default width-8 student with that recipe
-  (``distill=hinton,epochs=40``, 7.5 MMACs, a tenth of the width-24 teacher's) distils in 51-54 min: 64.58 ± 0.72 % over
+  (``distill=hinton,epochs=40``, 7.5 MMACs, a tenth of the width-24 teacher's) distils in
+  51-54 min: 64.58 ± 0.72 % over
   three seeds, against 63.38 ± 0.24 % trained alone for 40 epochs (three seeds). At width
   16 (29.5 MMACs, 40 % of the teacher's), from the teacher trained for ``epochs=40``,
   68.10 % (66.40 % PublicTest, 68.57 % flip-averaged) in 86.7 min, one seed: the shipped
@@ -52,7 +53,8 @@ FER2013 (built from ../shared/data or your download on first use):
   student can distil from it by name, ``teacher_checkpoint=fer2013-teacher``: the width-9
   student from it for ``epochs=60``, 66.26 % (66.01 % PublicTest, 66.73 % flip-averaged) in
   about 107 min of training, one seed, is the shipped fer2013-student, 0.84 above the
-  ``fer`` package's 65.42 %. With an accelerator ``auto`` takes the papers' sizes (``tier=full``); ``tier=quick`` is the old
+  ``fer`` package's 65.42 %. With an accelerator ``auto`` takes the papers' sizes
+  (``tier=full``); ``tier=quick`` is the old
   2-core smoke budget.
 
 Arguments (besides configs/common.py's):
