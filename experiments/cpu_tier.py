@@ -406,7 +406,7 @@ def plot_accuracy_against_macs(rows: dict[str, dict], kinds: dict[str, str], rep
       ax.annotate(f"{point[1]:.1f}", point, xytext=offset, textcoords="offset points",
                   fontsize=8, color=colour)
   ax.set(xscale="log", xlabel="MMACs per 48x48 face (log)", ylabel=ylabel)
-  ax.set_title("CPU tier: accuracy against cost (one point per row; "
+  ax.set_title("CPU tier: accuracy against cost (one point per row, seeds averaged; "
                "each kind's front labelled)", fontsize=9)
   # Plain 5, 10, 20, 50 labels: the log axis' default 3x10^1-style minor labels overlap.
   ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
