@@ -334,11 +334,16 @@ def render(rows: dict[str, dict], commands: dict[str, str], columns: dict[str, s
   return "\n".join(lines) + "\n"
 
 
+def row_family(name: str) -> str:
+  """The row's name without its seed: the rows that differ only in their seed share it."""
+  return name.split(", seed")[0]
+
+
 def seed_families(rows: dict[str, dict], reported: str) -> dict[str, tuple[list[float], float]]:
   """Row family (the name before ``, seed``) -> its ``reported`` values in %, and its MACs."""
   families: dict[str, tuple[list[float], float]] = {}
   for name, r in rows.items():
-    families.setdefault(name.split(", seed")[0], ([], r["macs"]))[0].append(100 * r[reported])
+    families.setdefault(row_family(name), ([], r["macs"]))[0].append(100 * r[reported])
   return families
 
 
@@ -394,7 +399,7 @@ def plot_accuracy_against_macs(rows: dict[str, dict], kinds: dict[str, str], rep
   fig, ax = plt.subplots(figsize=(7, 4.5))
   points: dict[str, list[tuple[float, float]]] = {kind: [] for kind in KIND_STYLES}
   for family, (values, macs) in seed_families(rows, reported).items():
-    kind = kinds[next(name for name in rows if name.split(", seed")[0] == family)]
+    kind = kinds[next(name for name in rows if row_family(name) == family)]
     colour, marker, _ = KIND_STYLES[kind]
     points[kind].append((macs / 1e6, statistics.mean(values)))
     ax.errorbar(*points[kind][-1], yerr=statistics.stdev(values) if len(values) > 1 else 0.0,
